@@ -1,0 +1,40 @@
+"""Full-ranking top-k metrics, computed on the device and averaged over users."""
+from __future__ import annotations
+
+import torch
+
+KS = (5, 10, 20)
+METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all items: how many items score strictly higher.
+
+    scores (B, N+1), targets (B,) -> (B,) long. Ties are resolved in the target's favour, the
+    usual full-ranking convention (and what topk-based code gives for distinct scores).
+    """
+    target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+    return (scores > target_scores).sum(1)
+
+
+class RankingMetrics:
+    """Accumulates per-user HR@k and NDCG@k sums; `result()` gives means over users."""
+
+    def __init__(self, ks: tuple[int, ...] = KS):
+        self.ks = ks
+        self.sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("HR", "NDCG") for k in ks}
+        self.users = 0
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        ranks = target_ranks(scores, targets)
+        gains = 1.0 / torch.log2(ranks.double() + 2.0)
+        for k in self.ks:
+            hit = ranks < k
+            self.sums[f"HR@{k}"] += hit.sum().item()
+            self.sums[f"NDCG@{k}"] += (gains * hit).sum().item()
+        self.users += int(targets.shape[0])
+
+    def result(self) -> dict[str, float]:
+        if self.users == 0:
+            raise ValueError("no users were evaluated: the evaluation split is empty")
+        return {name: total / self.users for name, total in self.sums.items()}

@@ -1,0 +1,454 @@
+"""ADRec (KDD 2025) and the SASRec-style encoder it pre-trains with, read top to bottom.
+
+Shapes: B batch, L positions (left-padded, newest item last), D hidden, N items (+1 for padding 0).
+
+ADRec = CAM, a causal Transformer over the history, + ADM, a causal denoiser over the targets:
+  c   = CAM(LN(drop(E[seq]) + pos))                         # (B, L, D) history encoding
+  x_t = sqrt(ᾱ_t) E[tgt] + sqrt(1 - ᾱ_t) ε,  t ~ U[0, T) per token  # independent noise per token
+  x̂_0 = ADM(aggregate(c, x_t, t))                          # predict x_0
+  loss = CE(x̂_0 E^T, tgt) + w · MSE(x̂_0, E[tgt])            # both on valid positions
+Inference keeps the history at t = 0 and denoises only the last position from T-1 to 0. Because
+both Transformers are causal, the history's keys and values never change across the T steps:
+`score_all` computes them once and runs only the last token through the denoiser per step.
+
+Both verbs every recommender here exposes: `loss(seq, tgt)` and `score_all(seq)` -> (B, N+1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adrec.config import TrialConfig
+from adrec.schedule import NoiseSchedule, ScheduleTensors
+
+LN_EPS = 1e-12  # the authors' TF-style LayerNorm epsilon
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions: counted back from the newest item (the last column is position 0)
+# ---------------------------------------------------------------------------------------------
+def positions_from_newest(length: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(length - 1, -1, -1, device=device)  # (L,)
+
+
+def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos | sin] features of `values` (any shape) -> (*values.shape, dim), as in the authors' code."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device) / half)
+    args = values.float().unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AbsolutePositions(nn.Module):
+    """Learned or sinusoidal embeddings added to the inputs; `none`/`rotary` add nothing."""
+
+    def __init__(self, kind: str, max_len: int, dim: int):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+        self.table = nn.Embedding(max_len, dim) if kind == "learned" else None
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor | None:  # pos (L,) -> (L, D) or None
+        if self.kind == "learned":
+            return self.table(pos)
+        if self.kind == "sinusoidal":
+            return sinusoid(pos, self.dim)
+        return None
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) on the head dimension of q and k."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x (B, H, L, dh), pos (L,)
+        angles = pos.float().unsqueeze(-1) * self.inv_freq  # (L, dh/2)
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and blocks
+# ---------------------------------------------------------------------------------------------
+def attention_mask(key_valid: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
+    """Causal mask that also hides padded keys: (B, 1, Lq, Lk) bool, True = may attend.
+
+    Queries are the last `n_queries` positions of the key sequence. A padded query may still see
+    itself so its softmax row is never empty (its output is ignored).
+    """
+    b, lk = key_valid.shape
+    lq = lk if n_queries is None else n_queries
+    q_pos = torch.arange(lk - lq, lk, device=key_valid.device).unsqueeze(-1)  # (Lq, 1)
+    k_pos = torch.arange(lk, device=key_valid.device)  # (Lk,)
+    causal = k_pos <= q_pos  # (Lq, Lk)
+    allowed = causal & (key_valid[:, None, :] | (k_pos == q_pos))  # (B, Lq, Lk)
+    return allowed.unsqueeze(1)
+
+
+@dataclass
+class KV:
+    """Keys and values of one attention layer for a fixed prefix: (B, H, P, dh) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float, rotary: Rotary | None = None):
+        super().__init__()
+        self.heads, self.dropout, self.rotary = heads, dropout, rotary
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        for layer in (self.q, self.kv, self.out):
+            nn.init.xavier_normal_(layer.weight)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
+        b, l, d = x.shape
+        return x.view(b, l, self.heads, d // self.heads).transpose(1, 2)
+
+    def keys_values(self, source: torch.Tensor, pos: torch.Tensor | None) -> KV:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        k, v = self._split(k), self._split(v)
+        if self.rotary is not None and pos is not None:
+            k = self.rotary(k, pos)
+        return KV(k, v)
+
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        q = self._split(self.q(x))  # (B, H, Lq, dh)
+        if self.rotary is not None and pos is not None:
+            q = self.rotary(q, pos)
+        y = F.scaled_dot_product_attention(
+            q, kv.k, kv.v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, Lq, dh)
+        b, h, lq, dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, lq, h * dh))
+
+
+def feed_forward(dim: int, dropout: float) -> nn.Sequential:
+    ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                        nn.Linear(4 * dim, dim))
+    nn.init.xavier_normal_(ffn[0].weight)
+    nn.init.xavier_normal_(ffn[3].weight)
+    return ffn
+
+
+@dataclass
+class Context:
+    """What every block of one forward pass shares."""
+
+    mask: torch.Tensor  # (B, 1, Lq, Lk) self-attention mask
+    pos_q: torch.Tensor  # (Lq,) positions of the queries (from newest)
+    pos_k: torch.Tensor  # (Lk,) positions of all keys
+    memory: torch.Tensor | None = None  # (B, Lm, D) CAM output for cross-attention
+    memory_mask: torch.Tensor | None = None  # (B, 1, Lq, Lm)
+    cond: torch.Tensor | None = None  # (B, Lq, D) adaLN condition
+    memory_kv: dict[int, KV] = field(default_factory=dict)  # per-block cache of the memory's K/V
+
+
+class Block(nn.Module):
+    """Post-norm Transformer block as in the authors' code; optional cross-attention or adaLN.
+
+    `past` holds this block's self-attention keys/values of positions before the queries, so a
+    single new token can be run against a cached prefix.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float, rotary: Rotary | None,
+                 cross: bool = False, adaln: bool = False):
+        super().__init__()
+        self.attn = Attention(dim, heads, dropout, rotary)
+        self.cross = Attention(dim, heads, dropout) if cross else None
+        self.ffn = feed_forward(dim, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.adaln = adaln
+        n_norms = 3 if cross else 2
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=not adaln)
+                                   for _ in range(n_norms))
+        if adaln:  # DiT: shift, scale, gate for attention and FFN, zero-initialised (identity start)
+            self.modulation = nn.Linear(dim, 6 * dim)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: torch.Tensor, ctx: Context, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        if self.adaln:
+            return self._forward_adaln(x, ctx, past)
+        kv = self._self_kv(x, ctx, past)
+        x = self.norms[0](x + self.drop(self.attn(x, kv, ctx.mask, ctx.pos_q)))
+        if self.cross is not None:
+            mem = ctx.memory_kv.get(id(self))
+            if mem is None:  # the memory is the same for every denoising step: project it once
+                mem = ctx.memory_kv[id(self)] = self.cross.keys_values(ctx.memory, None)
+            x = self.norms[1](x + self.drop(self.cross(x, mem, ctx.memory_mask, None)))
+        x = self.norms[-1](x + self.drop(self.ffn(x)))
+        return x, kv
+
+    def _self_kv(self, x: torch.Tensor, ctx: Context, past: KV | None) -> KV:
+        new = self.attn.keys_values(x, ctx.pos_q)
+        if past is None:
+            return new
+        return KV(torch.cat([past.k, new.k], dim=2), torch.cat([past.v, new.v], dim=2))
+
+    def _forward_adaln(self, x: torch.Tensor, ctx: Context, past: KV | None) -> tuple[torch.Tensor, KV]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(ctx.cond)).chunk(6, -1)
+        h = self.norms[0](x) * (1 + scale1) + shift1
+        kv = self._self_kv(h, ctx, past)
+        x = x + gate1 * self.drop(self.attn(h, kv, ctx.mask, ctx.pos_q))
+        h = self.norms[1](x) * (1 + scale2) + shift2
+        return x + gate2 * self.drop(self.ffn(h)), kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TrialConfig, n_blocks: int, positional: str, cross: bool = False,
+                 adaln: bool = False):
+        super().__init__()
+        head_dim = cfg.hidden_size // cfg.heads
+        rotary = Rotary(head_dim) if positional == "rotary" else None
+        self.blocks = nn.ModuleList(
+            Block(cfg.hidden_size, cfg.heads, cfg.dropout, rotary, cross, adaln) for _ in range(n_blocks)
+        )
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS) if adaln else None
+
+    def forward(self, x: torch.Tensor, ctx: Context, past: list[KV] | None = None
+                ) -> tuple[torch.Tensor, list[KV]]:
+        cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, ctx, None if past is None else past[i])
+            cache.append(kv)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, cache
+
+
+# ---------------------------------------------------------------------------------------------
+# ADRec
+# ---------------------------------------------------------------------------------------------
+class Denoiser(nn.Module):
+    """ADM: aggregates the history encoding c with the noisy target x_t and its timestep, then
+    predicts x_0 (Transformer or MLP)."""
+
+    def __init__(self, cfg: TrialConfig, steps: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.cfg, self.steps = cfg, steps
+        self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
+        self.concat_proj = nn.Linear(2 * d, d) if cfg.aggregation == "concat" else None
+        self.positions = AbsolutePositions(cfg.positional_encoding, cfg.max_len, d)
+        if cfg.denoiser == "mlp":
+            self.net = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d), nn.LayerNorm(d))
+        else:
+            self.net = Transformer(cfg, cfg.adm_blocks, cfg.positional_encoding,
+                                   cross=cfg.aggregation == "cross_attention",
+                                   adaln=cfg.aggregation == "adaln")
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
+        # The authors rescale t to [0, 1000) before the sinusoid (rescale_timesteps=True).
+        return self.time_mlp(sinusoid(t.float() * (1000.0 / self.steps), self.cfg.hidden_size))
+
+    def aggregate(self, c: torch.Tensor, x_t: torch.Tensor, t_emb: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Denoiser input (B, L, D) and the adaLN condition (or None)."""
+        agg = self.cfg.aggregation
+        if agg == "linear":
+            return c + self.cfg.lambda_uncertainty * (x_t + t_emb), None
+        if agg == "concat":
+            return self.concat_proj(torch.cat([c, x_t + t_emb], dim=-1)), None
+        if agg == "cross_attention":
+            return x_t + t_emb, None
+        return x_t, c + t_emb  # adaln
+
+    def forward(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx: Context,
+                c_memory: torch.Tensor | None = None, past: list[KV] | None = None
+                ) -> tuple[torch.Tensor, list[KV]]:
+        """Predict x_0 for the query positions. `c`, `x_t`, `t` cover the queries only; with
+        cross-attention `c_memory` is the whole history encoding the queries may attend to."""
+        z, cond = self.aggregate(c, x_t, self.time_embedding(t))
+        pe = self.positions(ctx.pos_q)
+        if pe is not None:
+            z = z + pe
+        if isinstance(self.net, nn.Sequential):
+            return self.net(z), []
+        ctx.cond, ctx.memory = cond, c_memory if c_memory is not None else c
+        return self.net(z, ctx, past)
+
+
+class ADRec(nn.Module):
+    def __init__(self, cfg: TrialConfig, num_items: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.cfg, self.num_items = cfg, num_items
+        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.hist_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.positions = AbsolutePositions(cfg.positional_encoding, cfg.max_len, d)
+        self.cam = Transformer(cfg, cfg.cam_blocks, cfg.positional_encoding)
+        schedule = NoiseSchedule.from_config(cfg)
+        self.steps = schedule.steps
+        self.adm = Denoiser(cfg, schedule.steps)
+        self._schedule = schedule
+        self._tensors = schedule.tensors("cpu")
+
+    def schedule(self) -> ScheduleTensors:
+        device = self.item_emb.weight.device
+        if self._tensors.sqrt_ab.device != device:
+            self._tensors = self._schedule.tensors(device)
+        return self._tensors
+
+    # --- the history encoder (CAM) -------------------------------------------------------------
+    def encode(self, seq: torch.Tensor) -> tuple[torch.Tensor, Context]:
+        """c = CAM(LN(drop(E[seq]) + pos)); returns (B, L, D) and the shared attention context."""
+        valid = seq > 0
+        pos = positions_from_newest(seq.shape[1], seq.device)
+        h = self.emb_dropout(self.item_emb(seq))
+        pe = self.positions(pos)
+        if pe is not None:
+            h = h + pe
+        mask = attention_mask(valid)
+        ctx = Context(mask=mask, pos_q=pos, pos_k=pos, memory_mask=mask)
+        c, _ = self.cam(self.hist_norm(h), ctx)
+        return c, ctx
+
+    # --- training ------------------------------------------------------------------------------
+    def sample_timesteps(self, valid: torch.Tensor) -> torch.Tensor:
+        """t ~ U{0..T-1}: one per token (ADRec) or one per sequence; padding keeps t = 0."""
+        b, l = valid.shape
+        if self.cfg.noise_level == "token":
+            t = torch.randint(0, self.steps, (b, l), device=valid.device)
+        else:
+            t = torch.randint(0, self.steps, (b, 1), device=valid.device).expand(b, l)
+        return t * valid
+
+    def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE over all items at every valid position + mse_weight * masked MSE to E[tgt]."""
+        valid = tgt > 0  # (B, L)
+        c, ctx = self.encode(seq)
+        x0 = self.item_emb(tgt)  # (B, L, D)
+        t = self.sample_timesteps(valid)
+        x_t = self.schedule().add_noise(x0, t, torch.randn_like(x0))
+        x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
+        x0_hat, _ = self.adm(c, x_t, t, ctx)
+        # MSE: per sequence, mean over valid positions; then mean over sequences and dims (authors).
+        weights = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)
+        mse = ((x0_hat - x0) ** 2 * weights.unsqueeze(-1)).sum(1).mean()
+        logits = x0_hat[valid] @ self.item_emb.weight.T  # (n_valid, N+1)
+        ce = F.cross_entropy(logits, tgt[valid])
+        return ce + self.cfg.mse_weight * mse, {"ce": ce, "mse": mse}
+
+    # --- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_all(self, seq: torch.Tensor, noise: torch.Tensor | None = None, naive: bool = False
+                  ) -> torch.Tensor:
+        """Scores (B, N+1) for the item after `seq`; id 0 gets -inf.
+
+        `noise` (T+1, B, D) fixes the initial sample and the per-step noise (for tests); `naive`
+        recomputes the whole denoiser at every step instead of caching the history.
+        """
+        b, l = seq.shape
+        d = self.cfg.hidden_size
+        if noise is None:
+            noise = torch.randn(self.steps + 1, b, d, device=seq.device)
+        c, ctx = self.encode(seq)
+        x_last = self._denoise_naive(seq, c, ctx, noise) if naive else self._denoise_cached(seq, c, ctx, noise)
+        scores = x_last @ self.item_emb.weight.T
+        scores[:, 0] = -torch.inf
+        return scores
+
+    def _prefix_targets(self, seq: torch.Tensor) -> torch.Tensor:
+        """Clean targets of the history positions: the next item of each, i.e. seq shifted left."""
+        return self.item_emb(seq[:, 1:])  # (B, L-1, D)
+
+    def _denoise_naive(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor) -> torch.Tensor:
+        b, l = seq.shape
+        sched = self.schedule()
+        prefix = self._prefix_targets(seq)
+        x = noise[0]
+        for i in reversed(range(self.steps)):
+            x_t = torch.cat([prefix, x.unsqueeze(1)], dim=1)  # (B, L, D), history at t = 0
+            t = torch.zeros(b, l, dtype=torch.long, device=seq.device)
+            t[:, -1] = i
+            x0_hat, _ = self.adm(c, x_t, t, ctx)
+            x = sched.step(x0_hat[:, -1], x, i, noise[i + 1])
+        return x
+
+    def _denoise_cached(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor) -> torch.Tensor:
+        b, l = seq.shape
+        sched = self.schedule()
+        x = noise[0]
+        past = None
+        if l > 1 and self.cfg.denoiser == "transformer":
+            # Run the history once at t = 0 and keep every layer's keys and values.
+            p = l - 1
+            pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:p], pos_k=ctx.pos_k[:p],
+                              memory_mask=ctx.memory_mask[:, :, :p, :])
+            t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
+            _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c)
+        last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[-1:], pos_k=ctx.pos_k,
+                           memory_mask=ctx.memory_mask[:, :, -1:, :])
+        c_last = c[:, -1:]
+        for i in reversed(range(self.steps)):
+            t = torch.full((b, 1), i, dtype=torch.long, device=seq.device)
+            x0_hat, _ = self.adm(c_last, x.unsqueeze(1), t, last_ctx, c_memory=c, past=past)
+            x = sched.step(x0_hat[:, 0], x, i, noise[i + 1])
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: SASRec-style encoder (stage 1 of ADRec) and most-popular
+# ---------------------------------------------------------------------------------------------
+class SASRec(nn.Module):
+    """Causal Transformer + CE over all items at every position; no positional embedding (the
+    authors' pre-training run for ADRec's item embeddings)."""
+
+    def __init__(self, cfg: TrialConfig, num_items: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.hist_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.encoder = Transformer(cfg, cfg.cam_blocks, "none")
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        pos = positions_from_newest(seq.shape[1], seq.device)
+        ctx = Context(mask=attention_mask(seq > 0), pos_q=pos, pos_k=pos)
+        h, _ = self.encoder(self.hist_norm(self.emb_dropout(self.item_emb(seq))), ctx)
+        return h
+
+    def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        valid = tgt > 0
+        logits = self.encode(seq)[valid] @ self.item_emb.weight.T
+        ce = F.cross_entropy(logits, tgt[valid])
+        return ce, {"ce": ce}
+
+    @torch.no_grad()
+    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
+        scores = self.encode(seq)[:, -1] @ self.item_emb.weight.T
+        scores[:, 0] = -torch.inf
+        return scores
+
+
+class MostPopular(nn.Module):
+    """Scores every item by its count in the training histories."""
+
+    def __init__(self, counts: torch.Tensor):
+        super().__init__()
+        self.register_buffer("counts", counts.float())
+
+    @torch.no_grad()
+    def score_all(self, seq: torch.Tensor) -> torch.Tensor:
+        scores = self.counts.unsqueeze(0).expand(seq.shape[0], -1).clone()
+        scores[:, 0] = -torch.inf
+        return scores
+
+
+def build_model(cfg: TrialConfig, num_items: int) -> nn.Module:
+    if cfg.model == "adrec":
+        return ADRec(cfg, num_items)
+    if cfg.model == "sasrec":
+        return SASRec(cfg, num_items)
+    raise ValueError(f"model={cfg.model!r} has no trainable network; most_popular is built from counts")
