@@ -403,20 +403,29 @@ class ADRec(nn.Module):
 # ---------------------------------------------------------------------------------------------
 class SASRec(nn.Module):
     """Causal Transformer + CE over all items at every position; no positional embedding (the
-    authors' pre-training run for ADRec's item embeddings)."""
+    authors' pre-training run for ADRec's item embeddings). Initialised as the authors' SASRec:
+    N(0, 0.1) weights, zero biases, LayerNorm before the embedding dropout."""
 
     def __init__(self, cfg: TrialConfig, num_items: int):
         super().__init__()
         d = cfg.hidden_size
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
+        self.norm = nn.LayerNorm(d)
         self.emb_dropout = nn.Dropout(cfg.emb_dropout)
-        self.hist_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.encoder = Transformer(cfg, cfg.cam_blocks, "none")
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.1)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         pos = positions_from_newest(seq.shape[1], seq.device)
         ctx = Context(mask=attention_mask(seq > 0), pos_q=pos, pos_k=pos)
-        h, _ = self.encoder(self.hist_norm(self.emb_dropout(self.item_emb(seq))), ctx)
+        h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), ctx)
         return h
 
     def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,5 @@
+import sys
+
+from adrec.cli import main
+
+sys.exit(main())

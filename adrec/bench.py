@@ -1,0 +1,104 @@
+"""`python -m adrec bench`: time the trainer's own epoch and evaluation code on a real dataset.
+
+It calls the same `train_epoch` and `evaluate` that `fit` uses, after untimed warm-up epochs, and
+reports seconds per training epoch for each stage, seconds per full validation pass, peak RSS of
+the process and its children, peak GPU memory and the GFLOP/s reached (FLOPs counted by
+torch.utils.flop_counter over one extra epoch, divided by the timed seconds).
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adrec.config import TrialConfig
+from adrec.data import load_dataset
+from adrec.model import ADRec, SASRec
+from adrec.train import Splits, environment, evaluate, make_optimizer, resolve_device, seed_everything, train_epoch
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process and of its waited-for children, in MiB."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return max(own, children)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_epochs(cfg: TrialConfig, model, splits: Splits, device, epochs: int, warmup: int, first_epoch: int
+                 ) -> tuple[list[float], float]:
+    optimizer, _ = make_optimizer(cfg, model)
+    for e in range(warmup):
+        train_epoch(cfg, model, optimizer, splits.train, first_epoch + e, device)
+    times = []
+    for e in range(epochs):
+        _sync(device)
+        start = time.perf_counter()
+        train_epoch(cfg, model, optimizer, splits.train, first_epoch + warmup + e, device)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    with FlopCounterMode(display=False) as counter:
+        train_epoch(cfg, model, optimizer, splits.train, first_epoch + warmup + epochs, device)
+    return times, counter.get_total_flops()
+
+
+def _time_eval(cfg: TrialConfig, model, splits: Splits, device, passes: int) -> tuple[list[float], dict[str, float]]:
+    evaluate(model, splits.val, cfg.eval_batch_size, device)  # warm-up
+    times, metrics = [], {}
+    for _ in range(passes):
+        _sync(device)
+        start = time.perf_counter()
+        metrics = evaluate(model, splits.val, cfg.eval_batch_size, device)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, metrics
+
+
+def run_bench(cfg: TrialConfig, epochs: int = 2, warmup: int = 1, eval_passes: int = 2) -> dict[str, Any]:
+    """Seconds per epoch (stages 1-3) and per validation pass, memory and GFLOP/s, as a dict."""
+    if epochs < 1 or warmup < 0:
+        raise ValueError(f"bench needs epochs >= 1 and warmup >= 0; got epochs={epochs}, warmup={warmup}")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
+    splits = Splits.build(data, cfg.max_len)
+    figures: dict[str, Any] = {"dataset": data.name, "users": len(data.train), "items": data.num_items,
+                               "device": str(device), "env": environment(device)}
+
+    sasrec = SASRec(cfg, splits.num_items).to(device)
+    t1, _ = _time_epochs(cfg, sasrec, splits, device, epochs, warmup, first_epoch=1)
+
+    model = ADRec(cfg, splits.num_items).to(device)
+    with torch.no_grad():
+        model.item_emb.weight.copy_(sasrec.item_emb.weight)
+    model.item_emb.weight.requires_grad_(False)
+    t2, _ = _time_epochs(cfg, model, splits, device, epochs, warmup, first_epoch=1001)
+    model.item_emb.weight.requires_grad_(True)
+    t3, flops = _time_epochs(cfg, model, splits, device, epochs, warmup, first_epoch=2001)
+    te, metrics = _time_eval(cfg, model, splits, device, eval_passes)
+
+    stage3 = statistics.median(t3)
+    figures.update({
+        "stage1_s_per_epoch": statistics.median(t1),
+        "stage2_s_per_epoch": statistics.median(t2),
+        "train_s_per_epoch": stage3,
+        "eval_s_per_pass": statistics.median(te),
+        "train_gflops_per_s": flops / stage3 / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0,
+        "val_metrics_after_bench": metrics,
+        "config": cfg.to_dict(),
+    })
+    return figures

@@ -1,0 +1,132 @@
+"""`python -m adrec train | data stats | bench`: the command line over `fit`, the data and the bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from adrec.config import TrialConfig, parse_assignment
+from adrec.metrics import METRIC_NAMES
+
+
+def build_config(args: argparse.Namespace) -> TrialConfig:
+    """--config FILE (a trial record or a bare config) < --dataset/--data-path/--data-dir/--model < --set."""
+    values: dict[str, Any] = {}
+    if args.config:
+        record = json.loads(Path(args.config).read_text())
+        values.update(record.get("config", record))
+    if getattr(args, "data_path", None):
+        values["dataset"] = str(Path(args.data_path).resolve())
+    elif args.dataset:
+        values["dataset"] = args.dataset
+    if args.data_dir:
+        values["data_dir"] = args.data_dir
+    if getattr(args, "model", None):
+        values["model"] = args.model
+    for item in args.set or []:
+        name, value = parse_assignment(item)
+        values[name] = value
+    return TrialConfig.from_dict(values)
+
+
+def check_dataset(cfg: TrialConfig) -> None:
+    """Fail before training when the dataset cannot be found (the message lists the known names)."""
+    from adrec.data import dataset_path
+
+    dataset_path(cfg.dataset, cfg.data_dir)
+
+
+def metrics_table(result: dict[str, Any]) -> str:
+    header = f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES)
+    rows = [header]
+    for split in ("val", "test"):
+        values = result.get(split) or {}
+        rows.append(f"{split:<6}" + "".join(f"{values.get(m, float('nan')):>10.4f}" for m in METRIC_NAMES))
+    return "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from adrec.train import fit
+
+    cfg = build_config(args)
+    check_dataset(cfg)
+    result = fit(cfg, progress=not args.quiet, stage1_cache=args.stage1_cache)
+    print(metrics_table(result))
+    print(f"status={result['status']} epochs={result['epochs']} seconds="
+          + json.dumps({k: round(v, 1) for k, v in result["seconds"].items()}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0 if result["status"] == "completed" else 3
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from adrec.data import stats_table
+
+    table = stats_table(args.data_dir)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from adrec.bench import run_bench
+
+    cfg = build_config(args)
+    check_dataset(cfg)
+    figures = run_bench(cfg, epochs=args.epochs, warmup=args.warmup)
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _add_trial_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="registry name (baby, beauty, sports, toys, ml-100k, yelp) or a file path")
+    p.add_argument("--data-path", help="train on any file in either format (split pickle or sequence text)")
+    p.add_argument("--data-dir", help="where the dataset files are (default: see README)")
+    p.add_argument("--model", choices=["adrec", "sasrec", "most_popular"], help="model (default adrec)")
+    p.add_argument("--config", help="JSON trial record or config to re-run (its 'config' is used)")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a TrialConfig field; repeatable")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adrec", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one trial and print validation and test metrics")
+    _add_trial_options(train)
+    train.add_argument("--out", help="write the result record (JSON) here")
+    train.add_argument("--stage1-cache", help="directory shared by runs that can reuse one stage-1 result")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    stats = data_sub.add_parser("stats", help="users, items, interactions, lengths per dataset, from the files")
+    stats.add_argument("--data-dir", help="where the dataset files are")
+    stats.set_defaults(func=cmd_data_stats)
+
+    bench = sub.add_parser("bench", help="time training epochs and evaluation passes of the real trainer")
+    _add_trial_options(bench)
+    bench.add_argument("--device", choices=["cpu", "cuda", "auto"], help="shorthand for --set device=...")
+    bench.add_argument("--epochs", type=int, default=2, help="timed epochs per stage (after warm-up)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    bench.add_argument("--out", help="write the figures (JSON) here")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    args = parser().parse_args(argv)
+    if getattr(args, "device", None):
+        args.set = (args.set or []) + [f"device={args.device}"]
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
