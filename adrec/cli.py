@@ -127,6 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         args.set = (args.set or []) + [f"device={args.device}"]
     try:
         return args.func(args)
-    except ValueError as exc:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as exc:  # bad input or an unreachable download: one clear line
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,9 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     usual full-ranking convention (and what topk-based code gives for distinct scores).
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
-    return (scores > target_scores).sum(1)
+    ranks = (scores > target_scores).sum(1)
+    # A NaN target score compares False with everything; it must count as a miss, not rank 0.
+    return torch.where(target_scores.squeeze(1).isnan(), scores.shape[1], ranks)
 
 
 class RankingMetrics:

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import math
@@ -192,8 +191,10 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
 
 
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainSequences,
-                epoch_seed: int, device: torch.device) -> float:
-    """One pass over the training sequences; returns the mean loss. Raises Diverged on blow-up."""
+                epoch_seed: int, device: torch.device, epoch: int | None = None) -> float:
+    """One pass over the training sequences; returns the mean loss. Raises Diverged on blow-up.
+
+    `epoch_seed` fixes the batch order; `epoch` is only used to name the epoch in messages."""
     model.train()
     total, count = 0.0, 0
     for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches):
@@ -201,7 +202,7 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
         optimizer.zero_grad(set_to_none=True)
         loss, parts = model.loss(seq, tgt)
         if not torch.isfinite(loss) or loss.item() > DIVERGED_LOSS:
-            raise Diverged(f"training loss became {loss.item():.4g} at epoch {epoch_seed}")
+            raise Diverged(f"training loss became {loss.item():.4g} at epoch {epoch if epoch is not None else epoch_seed}")
         if cfg.pcgrad and len(parts) > 1:
             pcgrad_backward(model, [parts["ce"], cfg.mse_weight * parts["mse"]])
         else:
@@ -237,7 +238,7 @@ class Loop:
             epoch = self.state.epoch + 1
             self.on_epoch_start(epoch)
             self.state.last_loss = train_epoch(self.cfg, self.model, self.optimizer, self.splits.train,
-                                               epoch + 1000 * self.stage_of_epoch(epoch), self.device)
+                                               epoch + 1000 * self.stage_of_epoch(epoch), self.device, epoch)
             self.scheduler.step()
             self.state.epoch = epoch
             bar.update(1)
@@ -394,7 +395,11 @@ def _fit_adrec(cfg, data, splits, device, result, report, resume_from, cache, pr
         result["epochs"]["stage1"], result["seconds"]["stage1"] = snapshot["stage1"]["epochs"], snapshot["stage1"]["seconds"]
         stage1 = snapshot["stage1"]
     elif s1 > 0:
-        embedding, stage1 = cached_stage1(cfg, data, splits, device, s1, cache, progress)
+        try:
+            embedding, stage1 = cached_stage1(cfg, data, splits, device, s1, cache, progress)
+        except Diverged as exc:
+            result.update(status="diverged", error=f"stage 1: {exc}", val=None, test=None, best_epoch=0)
+            return result
         with torch.no_grad():
             model.item_emb.weight.copy_(embedding.to(device))
         result["epochs"]["stage1"], result["seconds"]["stage1"] = stage1["epochs"], stage1["seconds"]
@@ -412,6 +417,7 @@ def _fit_adrec(cfg, data, splits, device, result, report, resume_from, cache, pr
     if snapshot is not None:
         loop.load(snapshot["loop"])
     result["stage1_val"] = stage1.get("val", {})
+    result["stage1_cached"] = bool(stage1.get("cached", False))
 
     def epochs(lp: Loop) -> dict[str, int]:
         return {"stage1": stage1["epochs"], "stage2": min(lp.state.epoch, s2), "stage3": max(lp.state.epoch - s2, 0)}

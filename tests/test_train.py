@@ -1,0 +1,314 @@
+"""adrec.train.fit: frozen warm-up, checkpoint/resume, divergence, the stage-1 cache, baselines and
+an end-to-end run that must learn a Markov chain.
+
+Everything runs on a seeded synthetic sequence file written into a tmp dir: a few hundred users,
+100 items, next item = previous + 1 (mod 100) with probability 0.9.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adrec.config import TrialConfig
+from adrec.data import load_dataset
+from adrec.train import CHECKPOINT_FILE, fit, pcgrad_backward
+
+torch.set_num_threads(1)  # tiny models: extra threads only contend with the other test processes
+
+N_ITEMS = 100
+
+
+def write_markov_file(path: Path, users: int, items: int = N_ITEMS, p_next: float = 0.9, seed: int = 0) -> Path:
+    """`user item item ...` lines: each next item is prev % items + 1 with prob p_next, else uniform."""
+    rng = random.Random(seed)
+    lines = []
+    for user in range(1, users + 1):
+        item = rng.randint(1, items)
+        seq = [item]
+        for _ in range(rng.randint(8, 20) - 1):
+            item = item % items + 1 if rng.random() < p_next else rng.randint(1, items)
+            seq.append(item)
+        lines.append(" ".join(map(str, [user, *seq])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_markov_file(tmp_path_factory.mktemp("data") / "markov120.txt", users=120)
+
+
+def tiny(dataset: Path, **changes: Any) -> TrialConfig:
+    values = dict(dataset=str(dataset), hidden_size=16, heads=2, cam_blocks=1, adm_blocks=1, max_len=20,
+                  diffusion_steps=24, device="cpu", batch_size=64, eval_every=1, patience=10,
+                  stage1_epochs=1, stage2_epochs=1, stage3_epochs=1)
+    return TrialConfig(**{**values, **changes})
+
+
+class Recorder:
+    """A reporter that keeps every payload and, on chosen epochs, a copy of the checkpoint dir."""
+
+    def __init__(self, copy_at: dict[int, Path] | None = None, keep_model: bool = False):
+        self.payloads: list[dict[str, Any]] = []
+        self.models: dict[int, dict[str, torch.Tensor]] = {}
+        self.copy_at, self.keep_model = copy_at or {}, keep_model
+
+    def __call__(self, payload: dict[str, Any], path: Path | None) -> None:
+        self.payloads.append(dict(payload))
+        if path is None:
+            return
+        assert (Path(path) / CHECKPOINT_FILE).is_file()
+        if payload["epoch"] in self.copy_at:
+            shutil.copytree(path, self.copy_at[payload["epoch"]])
+        if self.keep_model:
+            snap = torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            self.models[payload["epoch"]] = {k: v.clone() for k, v in snap["loop"]["model"].items()}
+
+    def by_epoch(self) -> dict[int, dict[str, Any]]:
+        return {p["epoch"]: p for p in self.payloads}
+
+
+RESULT_KEYS = {"config", "status", "error", "epochs", "seconds", "env", "val", "test", "best_epoch"}
+
+
+def assert_metrics(metrics: dict[str, float]) -> None:
+    assert set(metrics) == {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["HR@5"] <= metrics["HR@10"] <= metrics["HR@20"]
+    assert all(metrics[f"NDCG@{k}"] <= metrics[f"HR@{k}"] for k in (5, 10, 20))
+
+
+# --- the record and the reports -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes",
+    [{"stage_plan": "three_stage", "stage2_epochs": 1, "stage3_epochs": 1},
+     {"stage_plan": "no_warmup", "stage2_epochs": 1, "stage3_epochs": 1},
+     {"stage_plan": "no_pretrain", "stage2_epochs": 1, "stage3_epochs": 0, "pcgrad": True}],
+    ids=["three_stage", "no_warmup", "no_pretrain-pcgrad"],
+)
+def test_fit_record_and_reports(small_file: Path, changes: dict) -> None:
+    cfg = tiny(small_file, **changes)
+    rec = Recorder()
+    result = fit(cfg, report=rec)
+    assert RESULT_KEYS <= set(result)
+    assert result["status"] == "completed" and result["error"] is None
+    assert result["config"] == cfg.to_dict()
+    s1, s2, s3 = cfg.stage_epochs()
+    assert result["epochs"] == {"stage1": s1, "stage2": s2, "stage3": s3}
+    assert_metrics(result["val"])
+    assert_metrics(result["test"])
+    assert result["seconds"]["stage1"] > 0 if s1 else result["seconds"]["stage1"] == 0
+    # One report per evaluation (eval_every=1) of stages 2-3, validation metrics only.
+    assert [p["epoch"] for p in rec.payloads] == list(range(1, s2 + s3 + 1))
+    assert [p["stage"] for p in rec.payloads] == [2] * s2 + [3] * s3
+    for p in rec.payloads:
+        assert not any(k.startswith("test") for k in p)
+        assert {f"val_{k}" for k in result["val"]} <= set(p)
+        assert math.isfinite(p["loss"]) and p["loss"] > 0
+    best = max(rec.payloads, key=lambda p: p["val_NDCG@20"])
+    assert rec.payloads[-1]["objective"] == pytest.approx(best["val_NDCG@20"])
+    assert result["val"]["NDCG@20"] == pytest.approx(best["val_NDCG@20"])
+
+
+# --- stages 2 and 3 -----------------------------------------------------------------------------
+def test_warmup_keeps_item_embeddings_bitwise_frozen_and_stage3_moves_them(small_file: Path, tmp_path: Path) -> None:
+    # weight_decay=0.1 and a high lr: Adam's decoupled decay would move a frozen-but-reachable table.
+    cfg = tiny(small_file, weight_decay=0.1, lr=1e-2, stage1_epochs=1, stage2_epochs=2, stage3_epochs=1)
+    rec = Recorder(keep_model=True)
+    fit(cfg, report=rec, stage1_cache=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    pretrained = torch.load(cached, map_location="cpu", weights_only=False)["embedding"]
+    emb = {e: rec.models[e]["item_emb.weight"] for e in (1, 2, 3)}
+    assert torch.equal(emb[1], pretrained)
+    assert torch.equal(emb[2], pretrained)
+    assert (emb[3] - pretrained).abs().max() > 1e-4
+    # The rest of the model did train during the warm-up.
+    cam = [k for k in rec.models[1] if k.startswith("cam.") and k.endswith("weight")][0]
+    assert (rec.models[2][cam] - rec.models[1][cam]).abs().max() > 1e-4
+
+
+# --- checkpoint and resume ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def uninterrupted(small_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    cfg = tiny(small_file, stage1_epochs=1, stage2_epochs=1, stage3_epochs=2, weight_decay=1e-3)
+    rec = Recorder(copy_at={1: ckpts / "after1", 2: ckpts / "after2"})
+    result = fit(cfg, report=rec)
+    return cfg, rec, result, ckpts
+
+
+@pytest.mark.parametrize("after", [1, 2], ids=["from-warmup-into-stage3", "inside-stage3"])
+def test_resume_gives_the_same_run(uninterrupted, after: int) -> None:
+    cfg, rec, result, ckpts = uninterrupted
+    resumed_rec = Recorder()
+    resumed = fit(cfg, report=resumed_rec, resume_from=ckpts / f"after{after}")
+    full = rec.by_epoch()
+    assert [p["epoch"] for p in resumed_rec.payloads] == list(range(after + 1, 4))
+    for p in resumed_rec.payloads:
+        ref = full[p["epoch"]]
+        assert p["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+        for key in ref:
+            if key.startswith("val_") or key == "objective":
+                assert p[key] == pytest.approx(ref[key], abs=1e-6), key
+    assert resumed["status"] == "completed"
+    assert resumed["epochs"] == result["epochs"]
+    assert resumed["val"] == pytest.approx(result["val"], abs=1e-6)
+    assert resumed["test"] == pytest.approx(result["test"], abs=1e-6)
+    assert resumed["best_epoch"] == result["best_epoch"]
+
+
+def test_resume_from_a_folder_without_checkpoint_is_an_error(small_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"holds no checkpoint\.pt"):
+        fit(tiny(small_file), resume_from=tmp_path)
+
+
+# --- divergence ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, has_metrics",
+    [
+        ({"mse_weight": 1e9}, False),
+        # One batch per epoch: epoch 1 is evaluated, Adam's 1e4 step then blows up epoch 2.
+        ({"stage_plan": "no_pretrain", "lr": 1e4, "batch_size": 512, "stage3_epochs": 3}, True),
+        # The same blow-up inside stage 1 (the SASRec pre-training run of a three-stage trial).
+        ({"lr": 1e4, "batch_size": 512, "stage1_epochs": 3}, None),
+    ],
+    ids=["huge-mse-weight-at-once", "huge-lr-after-an-evaluation", "huge-lr-in-stage1"],
+)
+def test_diverging_run_ends_with_status_diverged(small_file: Path, changes: dict, has_metrics: bool | None) -> None:
+    cfg = tiny(small_file, **changes)
+    result = fit(cfg)  # no exception
+    assert result["status"] == "diverged"
+    assert "training loss became" in result["error"]
+    if has_metrics:  # the best model before the blow-up is kept and tested
+        assert result["best_epoch"] == 1
+        assert_metrics(result["val"])
+        assert_metrics(result["test"])
+    elif has_metrics is False:
+        assert result["val"] is None and result["test"] is None
+        assert result["epochs"]["stage2"] + result["epochs"]["stage3"] == 0
+
+
+def test_divergence_message_names_the_real_epoch(small_file: Path) -> None:
+    cfg = tiny(small_file, stage_plan="no_pretrain", lr=1e4, batch_size=512, stage3_epochs=3)
+    result = fit(cfg)
+    assert result["status"] == "diverged"
+    assert result["error"].endswith("at epoch 2"), result["error"]  # not the batch-order seed 3002
+
+
+# --- stage-1 cache ------------------------------------------------------------------------------
+def test_stage1_cache_is_reused_for_the_same_key_and_not_for_another(small_file: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cfg = tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1)
+    first_rec, second_rec = Recorder(keep_model=True), Recorder(keep_model=True)
+    first = fit(cfg, report=first_rec, stage1_cache=cache)
+    second = fit(cfg, report=second_rec, stage1_cache=cache)
+    assert first["seconds"]["stage1"] > 0
+    assert second["seconds"]["stage1"] == 0.0
+    assert second["epochs"] == first["epochs"] == {"stage1": 2, "stage2": 1, "stage3": 1}
+    assert len(list(cache.glob("*.pt"))) == 1
+    # Same embedding out of the cache (bitwise, seen in the frozen warm-up) and the same run after it.
+    assert torch.equal(first_rec.models[1]["item_emb.weight"], second_rec.models[1]["item_emb.weight"])
+    assert second["stage1_val"] == first["stage1_val"]
+    assert second["val"] == first["val"] and second["test"] == first["test"]
+    # The cached run equals a run without the cache.
+    uncached = fit(cfg)
+    assert uncached["val"] == first["val"] and uncached["test"] == first["test"]
+
+    other = fit(cfg.replace(seed=cfg.seed + 1), stage1_cache=cache)
+    assert other["seconds"]["stage1"] > 0
+    assert len(list(cache.glob("*.pt"))) == 2
+    # A stage-2/3-only knob shares the key.
+    shared = fit(cfg.replace(lambda_uncertainty=0.5, aggregation="concat"), stage1_cache=cache)
+    assert shared["seconds"]["stage1"] == 0.0
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_two_processes_share_one_stage1_result(small_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cache = tmp_path / "cache"
+    cfg = tiny(small_file, stage1_epochs=3, stage2_epochs=0, stage3_epochs=1)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.map(functools.partial(fit, stage1_cache=str(cache)), [cfg, cfg])
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert not list(cache.glob("*.tmp*"))
+    assert sorted(r["seconds"]["stage1"] == 0.0 for r in results) == [False, True]  # one writer
+    a, b = results
+    assert a["status"] == b["status"] == "completed"
+    assert a["val"] == b["val"] and a["test"] == b["test"] and a["stage1_val"] == b["stage1_val"]
+
+
+# --- baselines ----------------------------------------------------------------------------------
+def test_most_popular_through_fit_matches_a_hand_count(small_file: Path) -> None:
+    cfg = tiny(small_file, model="most_popular")
+    rec = Recorder()
+    result = fit(cfg, report=rec)
+    assert result["status"] == "completed"
+    assert result["epochs"] == {"stage1": 0, "stage2": 0, "stage3": 0}
+    data = load_dataset(str(small_file))
+
+    def hr20(histories: list[list[int]], targets: list[int]) -> float:
+        counts = [0] * (data.num_items + 1)
+        for h in histories:
+            for item in h:
+                counts[item] += 1
+        hits = [sum(c > counts[t] for c in counts[1:]) < 20 for t in targets]
+        return sum(hits) / len(hits)
+
+    assert result["val"]["HR@20"] == pytest.approx(hr20(data.train, data.val), abs=1e-12)
+    test_histories = [h + [v] for h, v in zip(data.train, data.val)]
+    assert result["test"]["HR@20"] == pytest.approx(hr20(test_histories, data.test), abs=1e-12)
+    assert len(rec.payloads) == 1 and rec.payloads[0]["val_HR@20"] == result["val"]["HR@20"]
+
+
+def test_sasrec_through_fit(small_file: Path) -> None:
+    cfg = tiny(small_file, model="sasrec", stage1_epochs=2)
+    rec = Recorder()
+    result = fit(cfg, report=rec)
+    assert result["status"] == "completed"
+    assert result["epochs"] == {"stage1": 2, "stage2": 0, "stage3": 0}
+    assert result["seconds"]["stage1"] > 0
+    assert [p["stage"] for p in rec.payloads] == [1, 1]
+    assert_metrics(result["val"])
+    assert_metrics(result["test"])
+
+
+# --- PCGrad -------------------------------------------------------------------------------------
+def test_pcgrad_projects_conflicting_gradients_by_hand() -> None:
+    """g1 = (1, 0), g2 = (-1, 1) conflict (dot -1): g1' = g1 + g2/2 = (.5, .5), g2' = g2 + g1 = (0, 1)."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    w = model.weight
+    losses = [(w * torch.tensor([[1.0, 0.0]])).sum(), (w * torch.tensor([[-1.0, 1.0]])).sum()]
+    pcgrad_backward(model, losses)
+    torch.testing.assert_close(w.grad, torch.tensor([[0.5, 1.5]]))
+    # No conflict: plain sum.
+    losses = [(w * torch.tensor([[1.0, 0.0]])).sum(), (w * torch.tensor([[1.0, 1.0]])).sum()]
+    pcgrad_backward(model, losses)
+    torch.testing.assert_close(w.grad, torch.tensor([[2.0, 1.0]]))
+
+
+# --- end to end ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("plan", ["three_stage", "no_pretrain"], ids=str)
+def test_end_to_end_learns_a_markov_chain(tmp_path: Path, plan: str) -> None:
+    """300 users on a 0.9-deterministic chain over 100 items. Most-popular sits near chance
+    (20/100); the best possible HR@20 is ~0.9 + 0.1 * 20/100 = 0.92; ADRec must get >= 3x most-popular
+    and stay below that ceiling (a score above it would mean the test item leaked)."""
+    path = write_markov_file(tmp_path / "markov300.txt", users=300)
+    base = dict(dataset=str(path), hidden_size=32, heads=2, cam_blocks=1, adm_blocks=1, max_len=20,
+                diffusion_steps=24, device="cpu", batch_size=32, lr=5e-3, eval_every=2, patience=100)
+    popular = fit(TrialConfig(model="most_popular", **base))["test"]["HR@20"]
+    result = fit(TrialConfig(stage_plan=plan, stage1_epochs=5, stage2_epochs=1, stage3_epochs=10, **base))
+    hr20 = result["test"]["HR@20"]
+    assert 0.1 <= popular <= 0.3
+    assert result["status"] == "completed"
+    assert hr20 >= 3 * popular, (hr20, popular)
+    assert hr20 <= 0.97
