@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adrec.config import TrialConfig
+from adrec.losses import linear_cross_entropy
 from adrec.schedule import NoiseSchedule, ScheduleTensors
 
 LN_EPS = 1e-12  # the authors' TF-style LayerNorm epsilon
@@ -371,8 +372,7 @@ class ADRec(nn.Module):
         # MSE: per sequence, mean over valid positions; then mean over sequences and dims (authors).
         weights = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)
         mse = ((x0_hat - x0) ** 2 * weights.unsqueeze(-1)).sum(1).mean()
-        logits = x0_hat[valid] @ self.item_emb.weight.T  # (n_valid, N+1)
-        ce = F.cross_entropy(logits, tgt[valid])
+        ce = linear_cross_entropy(x0_hat[valid], self.item_emb.weight, tgt[valid])  # over N+1 items
         return ce + self.cfg.mse_weight * mse, {"ce": ce, "mse": mse}
 
     # --- inference -----------------------------------------------------------------------------
@@ -465,8 +465,7 @@ class SASRec(nn.Module):
 
     def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         valid = tgt > 0
-        logits = self.encode(seq)[valid] @ self.item_emb.weight.T
-        ce = F.cross_entropy(logits, tgt[valid])
+        ce = linear_cross_entropy(self.encode(seq)[valid], self.item_emb.weight, tgt[valid])
         return ce, {"ce": ce}
 
     @torch.no_grad()
