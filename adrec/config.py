@@ -8,6 +8,7 @@ and `src/trainer.py` of Nemo-1024/ADRec); the reason for each is beside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -121,18 +122,23 @@ class TrialConfig:
         return (s1, s2, s3)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrialConfig)
+
+
 def field_names() -> list[str]:
     return [f.name for f in fields(TrialConfig)]
 
 
 def allowed_values(name: str) -> tuple[Any, ...] | None:
     """The fixed choices of a Literal field, or None for a free field."""
-    hint = typing.get_type_hints(TrialConfig)[name]
+    hint = _hints()[name]
     return get_args(hint) if get_origin(hint) is Literal else None
 
 
 def _check_types(cfg: TrialConfig) -> None:
-    hints = typing.get_type_hints(TrialConfig)
+    hints = _hints()
     for f in fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
         if get_origin(hint) is Literal:
@@ -228,7 +234,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     name = name.strip()
     if name not in field_names():
         raise ValueError(f"unknown TrialConfig field {name!r}; known fields: {', '.join(field_names())}")
-    hint = typing.get_type_hints(TrialConfig)[name]
+    hint = _hints()[name]
     return name, _coerce(name, raw.strip(), hint)
 
 

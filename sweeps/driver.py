@@ -1,0 +1,299 @@
+"""The sweep driver: runs the phases as Ray Tune experiments, restores them after an interruption.
+
+Decision: one Tuner per phase, run one after another; inside the optimise Tuner a dispatcher (one
+`StudySearcher` over per-dataset Optuna studies, one `PerDatasetASHA` with rungs per dataset).
+Why: early stopping and TPE stay strictly per dataset, yet trials of every dataset share the
+cluster in one queue (no idle tail while the last trial of one dataset's Tuner finishes), and a
+phase is one experiment folder that `Tuner.restore` resumes as a whole.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import optuna
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.schedulers import FIFOScheduler
+
+from sweeps.plan import PHASES, Plan, SweepError, dataset_key, write_json
+from sweeps.progress import SweepProgress, best_table
+from sweeps.searchers import (RUNTIME_FILE, JobSearcher, PerDatasetASHA, StudySearcher, journal_storage,
+                              reconcile_studies)
+from sweeps.table import TABLE_FILE, build_rows, quiet_analysis, versions, write_table
+from sweeps.trainable import FAULT_ENV, METRIC, MODE, TrialContext, run_trial
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("sweeps.driver")
+JOURNAL = "studies.journal"
+NUM_SAMPLES_CAP = 10**9  # the searchers decide when a phase is done (Searcher.FINISHED)
+
+
+def trial_dirname(trial: Any) -> str:
+    c = trial.config
+    return f"{c.get('phase', 'trial')}_{dataset_key(str(c.get('dataset', '')))}_{trial.trial_id}"
+
+
+def trial_name(trial: Any) -> str:
+    c = trial.config
+    return f"{dataset_key(str(c.get('dataset', '')))}/{c.get('config_id', '')}/s{c.get('seed', '')}"
+
+
+class Driver:
+    def __init__(self, plan: Plan, sweep_dir: Path, args: argparse.Namespace) -> None:
+        self.plan, self.dir, self.args = plan, sweep_dir, args
+        self.env = versions()
+        self.ctx = TrialContext(stage1_cache=str(sweep_dir / "stage1_cache"),
+                                fault_once=os.environ.get(FAULT_ENV) or None,
+                                code_version=self.env["code_version"])
+        self.deadline = time.time() + args.time_budget if args.time_budget else None
+        self.study_names = {ds: f"{plan.name}/{dataset_key(ds)}" for ds in plan.datasets}
+        self._in_fit = False
+        self._signalled: str | None = None
+
+    # --- the whole sweep -------------------------------------------------------------------------
+    def run(self, resumed: bool) -> int:
+        write_json(self.dir / RUNTIME_FILE, {"max_concurrent": self.args.max_concurrent, "quiet": self.args.quiet,
+                                             "started": time.time(), "pid": os.getpid()})
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._quiet_ray()
+        self._say(f"sweep {self.plan.name!r}: {self.plan.total()} trials on {len(self.plan.datasets)} dataset(s) "
+                  f"in {self.dir}" + (" (resuming)" if resumed else ""))
+        if resumed:
+            self.rebuild_table()
+        with self._signals():
+            try:
+                for phase in PHASES:
+                    if (self.dir / f"{phase}.done").exists():
+                        continue
+                    if self.deadline and time.time() >= self.deadline:
+                        return self._stopped("the time budget is spent")
+                    self._say(f"phase {phase}")
+                    if not self.run_phase(phase):
+                        return self._stopped(self._signalled or "interrupted")
+                    (self.dir / f"{phase}.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+            except KeyboardInterrupt:
+                return self._stopped("interrupted")
+        df = self.rebuild_table()
+        self._say(f"finished: {len(df)} trials in {self.dir / TABLE_FILE}")
+        print(best_table(df, self.plan.metric).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if self.args.report:
+            self.report()
+        return 0
+
+    def _quiet_ray(self) -> None:
+        """Our callback prints the progress; Ray's reporter, tensorboardX name notes and the
+        snapshot-frequency warning (we snapshot after every checkpoint on purpose) stay quiet."""
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        if not self.args.verbose:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter honours verbose=0
+        logging.getLogger("tensorboardX").setLevel(logging.WARNING)
+        if not self.args.verbose:  # "failed to fetch metrics" of trials that have not reported yet
+            logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+    def _stopped(self, why: str) -> int:
+        self.rebuild_table()
+        print(f"sweep {self.plan.name!r} stopped ({why}); finish it with: python sweeps/run.py --resume "
+              f"--name {self.plan.name} --storage {self.dir.parent}", flush=True)
+        return 0 if why == "the time budget is spent" else 130
+
+    def rebuild_table(self) -> "pd.DataFrame":
+        """The table from the experiment folders (authoritative after a restart), written atomically."""
+        df = build_rows([self.dir / p for p in PHASES], env=self.env)
+        write_table(df, self.dir / TABLE_FILE)
+        return df
+
+    def report(self) -> None:
+        try:
+            from results.cli import main as results_main
+        except ImportError as exc:
+            log.info("no report: the results package is not importable (%s)", exc)
+            return
+        try:
+            code = results_main([str(self.dir), "--metric", f"val_{self.plan.metric}", "--quiet"])
+        except Exception:  # noqa: BLE001 - the sweep succeeded; a failing report must not hide that
+            log.exception("the report failed; run `python -m results %s` to retry", self.dir)
+            return
+        if code:
+            log.warning("python -m results %s exited with %s", self.dir, code)
+
+    # --- one phase -------------------------------------------------------------------------------
+    def run_phase(self, phase: str) -> bool:
+        """Run (or restore) one phase; True when all its trials have finished."""
+        exp = self.dir / phase
+        restoring = tune.Tuner.can_restore(str(exp)) and any(exp.glob("experiment_state-*.json"))
+        known = known_trials(exp) if restoring else {}
+        if phase == "optimize":
+            if self.plan.num_samples == 0:
+                return True
+            counts = reconcile_studies(str(self.dir / JOURNAL), self.study_names, known)
+            if any(counts.values()):
+                self._say(f"optimize: studies reconciled after a restart: {counts}")
+            if restoring and self.optimize_done(known):
+                return True
+            searcher = StudySearcher(
+                journal=str(self.dir / JOURNAL), sweep_dir=str(self.dir), study_names=self.study_names,
+                space=self.plan.space, base_configs={ds: self.plan.base_config(ds) for ds in self.plan.datasets},
+                num_samples=self.plan.num_samples, seed=self.plan.seed)
+            scheduler = self.asha()
+        else:
+            jobs = self.jobs(phase)
+            if not jobs:
+                return True
+            known_jobs = {info["job"] for info in known.values()}
+            pending = [j for j in jobs if j["job"] not in known_jobs]
+            write_json(self.dir / f"{phase}_jobs.json", {"jobs": jobs, "pending": pending})
+            if restoring and not pending and all(i["status"] in ("TERMINATED", "ERROR") for i in known.values()):
+                return True
+            searcher, scheduler = JobSearcher(str(self.dir / f"{phase}_jobs.json"), str(self.dir)), FIFOScheduler()
+        trainable = tune.with_resources(tune.with_parameters(run_trial, context=self.ctx),
+                                        {"cpu": self.args.cpus_per_trial, "gpu": self.args.gpus_per_trial})
+        if restoring:
+            self._say(f"{phase}: restoring {len(known)} known trial(s) from {exp}")
+            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={},
+                tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                            num_samples=NUM_SAMPLES_CAP, reuse_actors=True,
+                                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_name),
+                run_config=tune.RunConfig(
+                    name=phase, storage_path=str(self.dir),
+                    failure_config=tune.FailureConfig(max_failures=self.args.max_failures),
+                    # num_to_keep=1 also makes Ray sync the experiment state after every checkpoint,
+                    # so a kill loses at most the evaluation in flight.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[TBXLoggerCallback(), SweepProgress(str(self.dir), self.plan.name, phase, self.env)],
+                    verbose=2 if self.args.verbose else 0))
+        with self._budget():
+            self._in_fit = True
+            try:
+                tuner.fit()
+            finally:
+                self._in_fit = False
+        return self.phase_done(phase)
+
+    def jobs(self, phase: str) -> list[dict[str, Any]]:
+        """The phase's job list, computed once and kept in the sweep folder (a resume reuses it)."""
+        if phase == "paired":
+            path = self.dir / "paired_configs.json"
+            if not path.exists():
+                write_json(path, {"seed": self.plan.seed, "configs": self.plan.paired_configs()})
+            return self.plan.paired_jobs(json.loads(path.read_text())["configs"])
+        if phase == "confirm":
+            path = self.dir / "confirm_jobs.json"
+            if not path.exists():
+                table = build_rows([self.dir / "paired", self.dir / "optimize"], env=self.env)
+                write_json(path, {"jobs": self.plan.confirm_jobs(table) if self.plan.confirm_top else []})
+            return json.loads(path.read_text())["jobs"]
+        return self.plan.baseline_jobs()
+
+    def asha(self) -> PerDatasetASHA:
+        """Grace period: every evaluation of the warm-up and one after it; max_t above any budget."""
+        space = self.plan.space
+        every = int(space.base_values()["eval_every"])
+        s1, s2, s3 = (int(space.max_value(f"stage{i}_epochs")) for i in (1, 2, 3))
+        grace = math.ceil(s2 / every) + 1
+        return PerDatasetASHA(grace_period=grace, max_t=max(math.ceil((s1 + s2 + s3) / every) + 1, grace + 1))
+
+    # --- completeness ----------------------------------------------------------------------------
+    def phase_done(self, phase: str) -> bool:
+        exp = self.dir / phase
+        known = known_trials(exp)
+        if any(i["status"] not in ("TERMINATED", "ERROR") for i in known.values()):
+            return False
+        if phase == "optimize":
+            reconcile_studies(str(self.dir / JOURNAL), self.study_names, known)
+            return self.optimize_done(known)
+        jobs = {j["job"] for j in self.jobs(phase)}
+        return jobs <= {i["job"] for i in known.values()}
+
+    def optimize_done(self, known: dict[str, dict]) -> bool:
+        if any(i["status"] not in ("TERMINATED", "ERROR") for i in known.values()):
+            return False
+        storage = journal_storage(str(self.dir / JOURNAL))
+        for name in self.study_names.values():
+            try:
+                study = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                return False
+            finished = [t for t in study.get_trials(deepcopy=False)
+                        if t.state.is_finished() and not t.user_attrs.get("invalid")]
+            if len(finished) < self.plan.num_samples or any(not t.state.is_finished() for t in study.trials):
+                return False
+        return True
+
+    # --- signals and the time budget -------------------------------------------------------------
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM stops like Ctrl-C: inside Tuner.fit via Ray's graceful SIGUSR1 path."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_term(signum: int, frame: Any) -> None:
+            self._signalled = "SIGTERM"
+            if self._in_fit:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    @contextmanager
+    def _budget(self) -> Iterator[None]:
+        if not self.deadline or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def expire() -> None:
+            if self._in_fit:
+                self._signalled = "the time budget is spent"
+                os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop, resumable
+
+        timer = threading.Timer(max(self.deadline - time.time(), 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _say(self, text: str) -> None:
+        if not self.args.quiet:
+            print(text, flush=True)
+
+
+def known_trials(exp: Path) -> dict[str, dict[str, Any]]:
+    """Ray trials recorded in an experiment folder: id -> status, last result and job key."""
+    if not any(exp.glob("experiment_state-*.json")):
+        return {}
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        with quiet_analysis():
+            analysis = ExperimentAnalysis(str(exp))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot read the experiment state in %s (%s); starting the phase's unknown jobs anew", exp, exc)
+        return {}
+    return {t.trial_id: {"status": t.status, "last_result": t.last_result or {}, "job": t.config.get("job")}
+            for t in analysis.trials}
+
+
+__all__ = ["Driver", "SweepError", "known_trials", "trial_dirname", "trial_name"]

@@ -1,0 +1,338 @@
+"""Durable searchers and a per-dataset scheduler for one Tuner per phase.
+
+Ray pickles the searcher and scheduler into `tuner.pkl` once, and saves searcher state only every
+few seconds; after a SIGKILL that state can be older than the Optuna journal. So these classes keep
+nothing that matters in memory: the job lists live in JSON files the driver writes before each
+(re)start, the studies live in Optuna's JournalStorage, and each Optuna trial carries the id of
+the Ray trial that runs it (`ray_trial_id`). On restart the driver marks RUNNING Optuna trials
+that no restored Ray trial owns as orphans (`reconcile_studies`) and the searcher hands an orphan
+to the next new Ray trial before asking TPE again, so each study ends with exactly the trials
+that ran and none left RUNNING.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from adrec.config import TrialConfig
+from sweeps.spaces import Space
+
+log = logging.getLogger("sweeps.searchers")
+RUNTIME_FILE = "runtime.json"  # settings of the current driver run, read lazily by pickled objects
+
+
+def read_runtime(sweep_dir: str) -> dict[str, Any]:
+    path = Path(sweep_dir) / RUNTIME_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class _LiveLimit:
+    """`--max-concurrent` without Ray's ConcurrencyLimiter, whose saved live set goes stale on a kill."""
+
+    _live: set[str] | None = None
+    sweep_dir: str
+
+    def _room(self) -> bool:
+        limit = int(read_runtime(self.sweep_dir).get("max_concurrent") or 0)
+        return not limit or len(self._live or ()) < limit
+
+    def _track(self, trial_id: str, alive: bool) -> None:
+        if self._live is None:
+            self._live = set()
+        (self._live.add if alive else self._live.discard)(trial_id)
+
+
+class JobSearcher(_LiveLimit, Searcher):
+    """Hands out a fixed list of trial configs (paired, confirm and baseline phases), in order.
+
+    The driver writes the jobs not yet known to the (restored) experiment into `jobs_file`.
+    """
+
+    def __init__(self, jobs_file: str, sweep_dir: str) -> None:
+        super().__init__()
+        self.jobs_file = jobs_file
+        self.sweep_dir = sweep_dir
+        self._pending: list[dict[str, Any]] | None = None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self._pending is None:
+            self._pending = json.loads(Path(self.jobs_file).read_text())["pending"]
+        if not self._pending:
+            return Searcher.FINISHED
+        if not self._room():
+            return None
+        self._track(trial_id, True)
+        return self._pending.pop(0)["config"]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._track(trial_id, True)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._track(trial_id, False)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps({}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._pending = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pending": None, "_live": None}
+
+
+class StudySearcher(_LiveLimit, Searcher):
+    """The optimise phase: one seeded-TPE Optuna study per dataset, all in one Tuner (a dispatcher).
+
+    Each new Ray trial goes to the dataset with the fewest trials so far, so every dataset
+    progresses together; the study of that dataset suggests its config (define-by-run, conditional
+    knobs under distinct names). Completed trials are told their objective, trials stopped by the
+    scheduler are PRUNED, diverged and crashed ones FAIL.
+    """
+
+    def __init__(self, *, journal: str, sweep_dir: str, study_names: Mapping[str, str], space: Space,
+                 base_configs: Mapping[str, dict[str, Any]], num_samples: int, seed: int) -> None:
+        super().__init__()
+        self.journal = journal
+        self.sweep_dir = sweep_dir
+        self.study_names = dict(study_names)  # dataset -> study name
+        self.space = space
+        self.base_configs = {k: dict(v) for k, v in base_configs.items()}
+        self.num_samples = num_samples
+        self.seed = seed
+        self._studies: dict[str, optuna.Study] | None = None
+
+    # --- studies --------------------------------------------------------------------------------
+    def studies(self) -> dict[str, optuna.Study]:
+        if self._studies is None:
+            # TPE's `group` (conditional knobs sampled jointly per branch) is marked experimental.
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            storage = journal_storage(self.journal)
+            self._studies = {
+                ds: optuna.create_study(
+                    study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                    sampler=optuna.samplers.TPESampler(seed=self.seed + i, multivariate=True, group=True,
+                                                       constant_liar=True))
+                for i, (ds, name) in enumerate(self.study_names.items())
+            }
+        return self._studies
+
+    def _find(self, trial_id: str) -> tuple[optuna.Study, optuna.trial.FrozenTrial] | None:
+        for study in self.studies().values():
+            for t in study.get_trials(deepcopy=False):
+                if t.user_attrs.get("ray_trial_id") == trial_id:
+                    return study, t
+        return None
+
+    # --- Searcher API ---------------------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        studies = self.studies()
+        claimed, orphans = {}, {}
+        for ds, study in studies.items():
+            trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("invalid")]
+            orphans[ds] = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("orphan")]
+            claimed[ds] = len(trials) - len(orphans[ds])
+        open_ = [ds for ds in studies if claimed[ds] < self.num_samples]
+        if not open_:
+            return Searcher.FINISHED
+        if not self._room():
+            return None
+        ds = min(open_, key=lambda d: (claimed[d], list(studies).index(d)))
+        study = studies[ds]
+        if orphans[ds]:
+            frozen = orphans[ds][0]
+            trial = optuna.trial.Trial(study, frozen._trial_id)  # the storage id of that trial
+            log.info("trial %s adopts orphaned Optuna trial %d of %s", trial_id, frozen.number, ds)
+            trial.set_user_attr("orphan", False)
+            trial.set_user_attr("adopted_from", frozen.user_attrs.get("ray_trial_id"))
+            trial.set_user_attr("ray_trial_id", trial_id)
+            values = dict(frozen.user_attrs["config"])
+            number = frozen.number
+        else:
+            trial, values = self._ask_valid(study, ds)
+            trial.set_user_attr("ray_trial_id", trial_id)
+            number = trial.number
+        self._track(trial_id, True)
+        cfg = TrialConfig.from_dict({**self.base_configs[ds], **values}).to_dict()
+        return {**cfg, "phase": "optimize", "config_id": optimize_config_id(dataset_key(ds), number),
+                "job": f"optimize/{dataset_key(ds)}/{number}"}
+
+    def _ask_valid(self, study: optuna.Study, ds: str) -> tuple[optuna.Trial, dict[str, Any]]:
+        """Ask TPE until the config is a valid TrialConfig; an invalid one is told FAIL (`invalid`).
+
+        `validate_space` rejects spaces that can sample invalid configs before the sweep starts, so
+        this loop is a guard, not a path taken in practice.
+        """
+        for _ in range(100):
+            trial = study.ask()
+            values = self.space.sample(trial)
+            try:
+                TrialConfig.from_dict({**self.base_configs[ds], **values})
+            except ValueError as exc:
+                log.warning("study %s sampled an invalid config (%s); resampling", study.study_name, exc)
+                trial.set_user_attr("invalid", str(exc))
+                study.tell(trial, state=TrialState.FAIL)
+                continue
+            trial.set_user_attr("config", values)
+            return trial, values
+        raise RuntimeError(f"study {study.study_name!r}: 100 invalid configs in a row; the space is broken")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._track(trial_id, True)
+        if result.get("final") or "objective" not in result:
+            return
+        found = self._find(trial_id)
+        if found is None or found[1].state != TrialState.RUNNING:
+            return
+        value, step = float(result["objective"]), int(result.get("training_iteration", 0))
+        if math.isfinite(value) and step not in found[1].intermediate_values:
+            optuna.trial.Trial(found[0], found[1]._trial_id).report(value, step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._track(trial_id, False)
+        found = self._find(trial_id)
+        if found is None:
+            log.warning("Ray trial %s has no Optuna trial; nothing to tell", trial_id)
+            return
+        study, frozen = found
+        if frozen.state.is_finished():  # told before a kill; the resumed trial re-finished
+            return
+        tell(study, frozen, outcome(result, error), result)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps({}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._studies = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_studies": None, "_live": None}
+
+
+def outcome(result: Mapping[str, Any] | None, error: bool) -> str:
+    """completed | diverged | pruned | failed, from a Ray trial's last result."""
+    if error:
+        return "failed"
+    if result and result.get("final"):
+        return "diverged" if result.get("diverged") else "completed"
+    return "pruned"
+
+
+def tell(study: optuna.Study, frozen: optuna.trial.FrozenTrial, status: str,
+         result: Mapping[str, Any] | None) -> None:
+    value = float((result or {}).get("objective", math.nan))
+    optuna.trial.Trial(study, frozen._trial_id).set_user_attr("status", status)
+    if status == "completed" and math.isfinite(value):
+        study.tell(frozen.number, value, skip_if_finished=True)
+    elif status == "pruned":
+        study.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
+    else:  # diverged, failed, or a completed run without a finite objective
+        study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def journal_storage(path: str) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+def optimize_config_id(key: str, number: int) -> str:
+    return f"{key}-t{number:03d}"
+
+
+def dataset_key(dataset: str) -> str:
+    """Short name for ids and folder names: the registry name, or a file's stem."""
+    return Path(dataset).stem if ("/" in dataset or dataset.endswith((".pkl", ".txt"))) else dataset
+
+
+def reconcile_studies(journal: str, study_names: Mapping[str, str], known: Mapping[str, dict]) -> dict[str, int]:
+    """Before (re)starting the optimise phase: settle RUNNING Optuna trials left by a killed driver.
+
+    `known` maps the Ray trial ids of the restored experiment to {"status", "last_result"}. A
+    RUNNING Optuna trial whose Ray trial finished is told its outcome; one whose Ray trial is
+    unknown (the kill came before Ray saved it) becomes an orphan for the next new Ray trial; one
+    whose Ray trial will be resumed stays RUNNING. Returns counts per action.
+    """
+    storage = journal_storage(journal)
+    counts = {"told": 0, "orphaned": 0, "resumed": 0}
+    summaries = set(optuna.study.get_all_study_names(storage))
+    for name in study_names.values():
+        if name not in summaries:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            rid = t.user_attrs.get("ray_trial_id")
+            info = known.get(rid)
+            if info is None:
+                optuna.trial.Trial(study, t._trial_id).set_user_attr("orphan", True)
+                counts["orphaned"] += 1
+            elif info["status"] in ("TERMINATED", "ERROR"):
+                tell(study, t, outcome(info.get("last_result"), info["status"] == "ERROR"), info.get("last_result"))
+                counts["told"] += 1
+            else:
+                counts["resumed"] += 1
+    return counts
+
+
+class PerDatasetASHA(FIFOScheduler):
+    """ASHA with one set of rungs per dataset: a trial is only ever compared with trials of its own
+    dataset. Time is `training_iteration` = evaluations reported."""
+
+    def __init__(self, *, grace_period: int, max_t: int, reduction_factor: float = 3) -> None:
+        super().__init__()
+        self.grace_period, self.max_t, self.reduction_factor = grace_period, max_t, reduction_factor
+        self._metric, self._mode = None, None
+        self._by_dataset: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def _asha(self, trial: Any) -> ASHAScheduler:
+        ds = trial.config.get("dataset", "")
+        if ds not in self._by_dataset:
+            self._by_dataset[ds] = ASHAScheduler(
+                time_attr="training_iteration", metric=self._metric, mode=self._mode, max_t=self.max_t,
+                grace_period=self.grace_period, reduction_factor=self.reduction_factor, stop_last_trials=False)
+        return self._by_dataset[ds]
+
+    def _known(self, trial: Any) -> ASHAScheduler:
+        asha = self._asha(trial)
+        if trial.trial_id not in asha._trial_info:  # a restored trial that reports before being added
+            asha.on_trial_add(None, trial)
+        return asha
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._asha(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get("final"):  # the end-of-fit record is not an evaluation
+            return TrialScheduler.CONTINUE
+        return self._known(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if result.get("final"):
+            self._known(trial)._trial_info.pop(trial.trial_id, None)
+            return
+        self._known(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self._known(trial).on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self._known(trial).on_trial_error(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return " | ".join(f"{ds}: {a.debug_string()}" for ds, a in self._by_dataset.items()) or "per-dataset ASHA"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_by_dataset": {}}

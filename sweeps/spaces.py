@@ -1,0 +1,429 @@
+"""Named search spaces over `TrialConfig` fields: parsing, validation, TPE suggestions, paired designs.
+
+A space is a readable mapping (the built-ins below, or a YAML file with the same keys):
+
+    description: what the space is for
+    datasets: [ml-100k, baby]            # default --datasets
+    counts: {paired_samples: 8, repeats: 2, num_samples: 16, confirm_top: 2}
+    baselines: [most_popular, sasrec]    # one row each per dataset
+    fixed: {stage3_epochs: 100}          # TrialConfig values every trial of the space uses
+    params:                              # searched knobs, sampled in this order
+      noise_schedule: {choices: [linear, cosine, beta]}
+      beta_a: {low: 0.1, high: 5.0, log: true, when: {noise_schedule: [beta]}}
+      aggregation_mlp: {field: aggregation, choices: [linear, concat], when: {denoiser: [mlp]}}
+
+A param's key is its Optuna name; `field` (default: the key) is the TrialConfig field it sets. A
+conditional knob whose choices differ by branch gets one param per branch with distinct names,
+because Optuna keys its model by name and one name must keep one distribution. `when` may only
+name fields that an earlier categorical param or `fixed` sets.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+
+from adrec.config import TrialConfig, allowed_values, field_names
+
+Kind = Literal["float", "int", "categorical"]
+
+# Fields the sweep itself sets per trial; a space may not search or fix them.
+SWEEP_FIELDS = ("dataset", "data_dir", "seed", "model", "select_metric")
+BASELINES = ("most_popular", "sasrec")
+COUNT_KEYS = ("paired_samples", "repeats", "num_samples", "confirm_top")
+_SPACE_KEYS = ("description", "datasets", "counts", "baselines", "fixed", "params")
+_PARAM_KEYS = ("field", "type", "low", "high", "log", "step", "choices", "when")
+# Validation builds configs with the numeric knobs at their ends: all of them up to this many, else this
+# many seeded random ones (each TrialConfig costs ~1 ms).
+_MAX_VALIDATION_CONFIGS = 1000
+
+
+class SpaceError(ValueError):
+    """A space that cannot run: unknown knob, impossible range or an invalid combination."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # Optuna parameter name (distinct per branch)
+    field: str  # TrialConfig field it sets
+    kind: Kind
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: int | None = None  # ints only
+    choices: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        return all(values.get(f) in allowed for f, allowed in self.when)
+
+    def from_unit(self, u: float) -> Any:
+        """Map u in [0, 1) onto the knob's range (used by the space-filling paired design)."""
+        if self.kind == "categorical":
+            return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
+        lo, hi = float(self.low), float(self.high)
+        x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if self.log else lo + u * (hi - lo)
+        if self.kind == "float":
+            return x
+        step = self.step or 1
+        return int(min(max(lo + round((x - lo) / step) * step, lo), hi))
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def ends(self) -> tuple[Any, Any]:
+        if self.kind == "categorical":
+            return self.choices[0], self.choices[-1]
+        cast = int if self.kind == "int" else float
+        return cast(self.low), cast(self.high)
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    description: str = ""
+    datasets: tuple[str, ...] = ()
+    paired_samples: int = 0
+    repeats: int = 1
+    num_samples: int = 0
+    confirm_top: int = 0
+    baselines: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[Param, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in COUNT_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML/JSON form (round-trips through `parse_space`)."""
+        params = {}
+        for p in self.params:
+            spec: dict[str, Any] = {} if p.field == p.name else {"field": p.field}
+            if p.kind == "categorical":
+                spec["choices"] = list(p.choices)
+            else:
+                spec.update(type=p.kind, low=p.low, high=p.high)
+                if p.log:
+                    spec["log"] = True
+                if p.step:
+                    spec["step"] = p.step
+            if p.when:
+                spec["when"] = {f: list(v) for f, v in p.when}
+            params[p.name] = spec
+        return {"description": self.description, "datasets": list(self.datasets), "counts": self.counts(),
+                "baselines": list(self.baselines), "fixed": dict(self.fixed), "params": params}
+
+    # --- sampling -----------------------------------------------------------------------------
+    def base_values(self) -> dict[str, Any]:
+        return {**TrialConfig().to_dict(), **self.fixed}
+
+    def sample(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run suggestion on an Optuna trial: {field: value} of the active params."""
+        values, chosen = self.base_values(), {}
+        for p in self.params:
+            if p.active(values):
+                values[p.field] = chosen[p.field] = p.suggest(trial)
+        return chosen
+
+    def space_filling(self, n: int, seed: int) -> list[dict[str, Any]]:
+        """`n` configs from a seeded Latin hypercube over the params ({field: value} each).
+
+        Every param gets its own column, so an inactive conditional knob leaves the others'
+        strata untouched; a space without params gives `n` copies of its fixed config.
+        """
+        if not self.params:
+            return [{} for _ in range(n)]
+        from scipy.stats import qmc
+
+        rng = np.random.default_rng(seed)
+        try:
+            sampler = qmc.LatinHypercube(d=len(self.params), rng=rng)
+        except TypeError:  # scipy < 1.15 names it `seed`
+            sampler = qmc.LatinHypercube(d=len(self.params), seed=rng)
+        units = sampler.random(n) if n else np.zeros((0, len(self.params)))
+        out = []
+        for row in units:
+            values, chosen = self.base_values(), {}
+            for p, u in zip(self.params, row):
+                if p.active(values):
+                    values[p.field] = chosen[p.field] = p.from_unit(float(u))
+            out.append(chosen)
+        return out
+
+    def max_value(self, name: str) -> Any:
+        """Largest value a field takes in this space (fixed value or default when not searched)."""
+        vals = [p.ends()[1] for p in self.params if p.field == name and p.kind != "categorical"]
+        vals += [max(p.choices) for p in self.params if p.field == name and p.kind == "categorical"]
+        return max(vals) if vals else self.base_values()[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and validation
+# --------------------------------------------------------------------------------------------------
+def parse_space(name: str, raw: Mapping[str, Any]) -> Space:
+    """Build and validate a space from its mapping form (YAML or a built-in)."""
+    if not isinstance(raw, Mapping):
+        raise SpaceError(f"space {name!r} must be a mapping with keys {', '.join(_SPACE_KEYS)}; got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SPACE_KEYS))
+    if unknown:
+        raise SpaceError(f"space {name!r}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(_SPACE_KEYS)}")
+    counts = dict(raw.get("counts") or {})
+    bad = sorted(set(counts) - set(COUNT_KEYS))
+    if bad:
+        raise SpaceError(f"space {name!r}: unknown count(s) {', '.join(map(repr, bad))}; allowed: {', '.join(COUNT_KEYS)}")
+    for key, value in counts.items():
+        if type(value) is not int or value < (1 if key == "repeats" else 0):
+            raise SpaceError(f"space {name!r}: counts.{key}={value!r} must be an int >= {1 if key == 'repeats' else 0}")
+    baselines = tuple(raw.get("baselines") or ())
+    for b in baselines:
+        if b not in BASELINES:
+            raise SpaceError(f"space {name!r}: baseline {b!r} is not one of {', '.join(BASELINES)}")
+    fixed = dict(raw.get("fixed") or {})
+    _check_fields(name, "fixed", fixed)
+    try:
+        TrialConfig.from_dict(fixed)
+    except ValueError as exc:
+        raise SpaceError(f"space {name!r}: fixed values are not a valid TrialConfig: {exc}") from None
+    params = tuple(_parse_param(name, key, spec) for key, spec in (raw.get("params") or {}).items())
+    space = Space(name=name, description=str(raw.get("description") or ""),
+                  datasets=tuple(str(d) for d in raw.get("datasets") or ()), baselines=baselines,
+                  fixed=fixed, params=params, **counts)
+    validate_space(space)
+    return space
+
+
+def _check_fields(space: str, where: str, names: Sequence[str]) -> None:
+    known = field_names()
+    for n in names:
+        if n not in known:
+            raise SpaceError(f"space {space!r}: {where} names unknown knob {n!r}; knobs are TrialConfig "
+                             f"fields: {', '.join(known)}")
+        if n in SWEEP_FIELDS:
+            raise SpaceError(f"space {space!r}: {where} sets {n!r}, which the sweep sets per trial "
+                             "(--datasets, --data-dir, --seed, --metric, baselines); remove it from the space")
+
+
+def _parse_param(space: str, key: str, spec: Any) -> Param:
+    if not isinstance(spec, Mapping):
+        raise SpaceError(f"space {space!r}: param {key!r} must be a mapping like {{low: 1, high: 10}} or "
+                         f"{{choices: [a, b]}}; got {spec!r}")
+    unknown = sorted(set(spec) - set(_PARAM_KEYS))
+    if unknown:
+        raise SpaceError(f"space {space!r}: param {key!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(_PARAM_KEYS)}")
+    fname = spec.get("field", key)
+    _check_fields(space, f"param {key!r}", [fname])
+    hint = typing.get_type_hints(TrialConfig)[fname]
+    when = tuple((str(f), tuple(v if isinstance(v, (list, tuple)) else [v]))
+                 for f, v in (spec.get("when") or {}).items())
+    _check_fields(space, f"param {key!r} when", [f for f, _ in when])
+    if "choices" in spec:
+        choices = tuple(spec["choices"] or ())
+        if not choices:
+            raise SpaceError(f"space {space!r}: param {key!r} has no choices")
+        allowed = allowed_values(fname)
+        for c in choices:
+            if allowed is not None and c not in allowed:
+                raise SpaceError(f"space {space!r}: param {key!r} choice {c!r} is not one of "
+                                 f"{', '.join(map(str, allowed))}")
+        return Param(key, fname, "categorical", choices=choices, when=when)
+    if allowed_values(fname) is not None or hint is bool:
+        raise SpaceError(f"space {space!r}: param {key!r} sets the categorical field {fname!r}; give "
+                         f"choices: [...] instead of a range")
+    kind = spec.get("type", "int" if hint is int else "float")
+    if kind not in ("int", "float") or (hint is int and kind != "int"):
+        raise SpaceError(f"space {space!r}: param {key!r} type={kind!r} does not fit field {fname!r} "
+                         f"({getattr(hint, '__name__', hint)}); use type: {'int' if hint is int else 'float'}")
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise SpaceError(f"space {space!r}: param {key!r} needs finite numbers low and high; got low={low!r}, high={high!r}")
+    if not low < high:
+        raise SpaceError(f"space {space!r}: param {key!r} range low={low} .. high={high} is empty; "
+                         "make low < high (or fix the value under `fixed`)")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise SpaceError(f"space {space!r}: param {key!r} has log: true with low={low}; a log range needs low > 0")
+    step = spec.get("step")
+    if step is not None and (kind != "int" or type(step) is not int or step < 1 or log):
+        raise SpaceError(f"space {space!r}: param {key!r} step={step!r} needs an int range without log")
+    if kind == "int" and (low != int(low) or high != int(high)):
+        raise SpaceError(f"space {space!r}: param {key!r} is an int range; low={low} and high={high} must be whole")
+    return Param(key, fname, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def validate_space(space: Space) -> None:
+    """Reject a space that could sample an invalid TrialConfig, before any trial starts.
+
+    Optuna names must be unique; a field set by two params needs exclusive `when`s; `when` may only
+    look at categorical/fixed fields set earlier. Then configs with the numeric knobs at their
+    ends are built as TrialConfigs (`_corners`), so a range that breaks a combination (e.g. a
+    schedule whose betas leave (0, 1] at the smallest T) is named here instead of crashing a trial.
+    """
+    names = [p.name for p in space.params]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpaceError(f"space {space.name!r}: param name(s) {', '.join(dupes)} appear twice; give each branch its own name")
+    settable = set(space.fixed)
+    for p in space.params:
+        for f, _ in p.when:
+            if f not in settable:
+                raise SpaceError(f"space {space.name!r}: param {p.name!r} depends on {f!r}, which no earlier "
+                                 "categorical param or `fixed` sets; move it below that param")
+        if p.kind == "categorical":
+            settable.add(p.field)
+    seen: set[str] = set()
+    for values in _corners(space):
+        key = repr(sorted(values.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            TrialConfig.from_dict({**space.fixed, **values})
+        except ValueError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise SpaceError(f"space {space.name!r} can sample an invalid config ({shown}): {exc}. Narrow the "
+                             "range, add a `when` condition, or split the knob into per-branch params") from None
+
+
+def _corners(space: Space) -> typing.Iterator[dict[str, Any]]:
+    """Configs with every numeric knob at one of its ends: all of them when there are few, else a seeded
+    random set. Constraints are monotone in the numeric knobs, so the ends are where ranges break; with
+    ~1000 random corners every pair and triple of (choice, end) shows up with near certainty (a triple
+    of 7 x 2 x 2 levels is missed with probability (1 - 1/28)^1000 < 1e-15)."""
+    branches = list(_branches(space))
+    total = sum(2 ** len(nums) for _, nums in branches)
+    if total <= _MAX_VALIDATION_CONFIGS:
+        for cats, nums in branches:
+            for ends in itertools.product((0, 1), repeat=len(nums)):
+                yield {**cats, **{p.field: p.ends()[e] for p, e in zip(nums, ends)}}
+        return
+    rng = random.Random(0)
+    for _ in range(_MAX_VALIDATION_CONFIGS):
+        values, chosen = space.base_values(), {}
+        for p in space.params:
+            if p.active(values):
+                v = rng.choice(p.choices) if p.kind == "categorical" else p.ends()[rng.randrange(2)]
+                values[p.field] = chosen[p.field] = v
+        yield chosen
+
+
+def _branches(space: Space) -> typing.Iterator[tuple[dict[str, Any], list[Param]]]:
+    """Every combination of categorical choices reachable under the `when`s, with its numeric params."""
+    base = space.base_values()
+
+    def walk(i: int, values: dict[str, Any], cats: dict[str, Any], nums: list[Param]):
+        if i == len(space.params):
+            yield cats, nums
+            return
+        p = space.params[i]
+        if not p.active(values):
+            yield from walk(i + 1, values, cats, nums)
+            return
+        if p.field in cats or any(q.field == p.field for q in nums):
+            raise SpaceError(f"space {space.name!r}: field {p.field!r} is set by two params in one branch "
+                             f"({p.name!r} and an earlier one); make their `when` conditions exclusive")
+        if p.kind == "categorical":
+            for c in p.choices:
+                yield from walk(i + 1, {**values, p.field: c}, {**cats, p.field: c}, nums)
+        else:
+            yield from walk(i + 1, values, cats, nums + [p])
+
+    yield from walk(0, base, {}, [])
+
+
+def branch_count(space: Space) -> int:
+    return sum(1 for _ in _branches(space))
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in spaces
+# --------------------------------------------------------------------------------------------------
+ALL_DATASETS = ("ml-100k", "baby", "beauty", "sports", "toys", "yelp")
+
+FULL: dict[str, Any] = {
+    "description": "every design choice the mission names, on all six datasets",
+    "datasets": list(ALL_DATASETS),
+    "counts": {"paired_samples": 32, "repeats": 3, "num_samples": 48, "confirm_top": 3},
+    "baselines": ["most_popular", "sasrec"],
+    "fixed": {"stage3_epochs": 200},
+    "params": {
+        "lambda_uncertainty": {"low": 1e-4, "high": 1.0, "log": True},
+        "noise_schedule": {"choices": ["linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta"]},
+        "beta_a": {"low": 0.2, "high": 5.0, "log": True, "when": {"noise_schedule": ["beta"]}},
+        "beta_b": {"low": 0.5, "high": 20.0, "log": True, "when": {"noise_schedule": ["beta"]}},
+        # T >= 24: below ~20 the 1000/T-scaled linear schedules push betas past 1.
+        "diffusion_steps": {"low": 24, "high": 200, "log": True},
+        "stage_plan": {"choices": ["three_stage", "no_warmup", "no_pretrain"]},
+        "stage1_epochs": {"low": 20, "high": 200, "log": True},
+        "stage2_epochs": {"low": 1, "high": 20},
+        "positional_encoding": {"choices": ["none", "learned", "sinusoidal", "rotary"]},
+        "noise_level": {"choices": ["token", "sequence"]},
+        "denoiser": {"choices": ["transformer", "mlp"]},
+        "aggregation": {"choices": ["linear", "cross_attention", "adaln", "concat"],
+                        "when": {"denoiser": ["transformer"]}},
+        # An MLP has no attention to cross-attend with and no norm to modulate: its own branch.
+        "aggregation_mlp": {"field": "aggregation", "choices": ["linear", "concat"], "when": {"denoiser": ["mlp"]}},
+        "mse_weight": {"low": 0.1, "high": 10.0, "log": True},
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    },
+}
+
+PAPER: dict[str, Any] = {
+    "description": "the authors' defaults over seeds: the reference point for every other config",
+    "datasets": list(ALL_DATASETS),
+    "counts": {"paired_samples": 1, "repeats": 5, "num_samples": 0, "confirm_top": 0},
+    "baselines": ["most_popular", "sasrec"],
+    "fixed": {},
+    "params": {},
+}
+
+# README's main-job command: ml-100k whole, 4 trials of a few epochs (one per phase), one seed.
+SMOKE: dict[str, Any] = {
+    "description": "ml-100k, one short trial per phase: checks the whole pipeline in minutes",
+    "datasets": ["ml-100k"],
+    "counts": {"paired_samples": 1, "repeats": 1, "num_samples": 1, "confirm_top": 1},
+    "baselines": ["most_popular"],
+    # ~1-2 min per ADRec trial on one CPU core: 3 stage-1 epochs, 1 warm-up + 3 joint epochs, 2 evaluations.
+    "fixed": {"stage1_epochs": 3, "stage2_epochs": 1, "stage3_epochs": 3, "eval_every": 2, "patience": 2},
+    "params": {
+        "lambda_uncertainty": {"low": 1e-4, "high": 1.0, "log": True},
+        "noise_schedule": {"choices": ["trunc_lin", "cosine"]},
+        "positional_encoding": {"choices": ["none", "rotary"]},
+    },
+}
+
+BUILTIN: dict[str, dict[str, Any]] = {"full": FULL, "paper": PAPER, "smoke": SMOKE}
+
+
+def load_space(name_or_path: str) -> Space:
+    """A built-in space by name, or a YAML file by path; validated before it is returned."""
+    if name_or_path in BUILTIN:
+        return parse_space(name_or_path, BUILTIN[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if not path.is_file():
+            raise SpaceError(f"space file {str(path)!r} does not exist; give a path to a YAML space or one "
+                             f"of the built-in spaces: {', '.join(BUILTIN)}")
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SpaceError(f"space file {str(path)!r} is not valid YAML: {exc}") from None
+        return parse_space(path.stem, raw)
+    raise SpaceError(f"unknown space {name_or_path!r}; use one of {', '.join(BUILTIN)} or a path to a .yaml file")
+
+
+__all__ = ["ALL_DATASETS", "BASELINES", "BUILTIN", "Param", "SWEEP_FIELDS", "Space", "SpaceError",
+           "branch_count", "load_space", "parse_space", "validate_space"]
