@@ -54,6 +54,7 @@ class TrialConfig:
     cosine_t_max: int = 500
     batch_size: int = 512
     eval_batch_size: int = 1024  # evaluation only; does not change results
+    max_tokens_per_step: int = 8192  # micro-batch size in positions; gradients accumulate, results equal the full batch
     bucketed_batches: bool = True  # draw training batches from length buckets (speed; see batches.py)
 
     # --- diffusion (authors: T=32, trunc_lin, lambda 1e-3, predict x0, token-level noise)
@@ -183,7 +184,7 @@ def _non_negative(cfg: TrialConfig, *names: str) -> None:
 
 
 def _check_values(cfg: TrialConfig) -> None:
-    _positive(cfg, "hidden_size", "cam_blocks", "heads", "max_len", "batch_size", "eval_batch_size", "lr",
+    _positive(cfg, "hidden_size", "cam_blocks", "heads", "max_len", "batch_size", "eval_batch_size", "max_tokens_per_step", "lr",
               "diffusion_steps", "cosine_t_max", "eval_every", "patience", "beta_a", "beta_b")
     _non_negative(cfg, "adm_blocks", "weight_decay", "mse_weight", "lambda_uncertainty",
                   "stage1_epochs", "stage2_epochs", "stage3_epochs", "max_users")

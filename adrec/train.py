@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adrec.batches import EvalSequences, TrainSequences
+from adrec.batches import EvalSequences, TrainSequences, trim
 from adrec.config import TrialConfig
 from adrec.data import SplitData, load_dataset
 from adrec.metrics import METRIC_NAMES, RankingMetrics
@@ -190,26 +190,46 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
         offset += n
 
 
+def micro_batches(seq: torch.Tensor, tgt: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split a batch into row groups of at most `max_tokens` positions, each trimmed to its own
+    longest sequence (batches are bucketed, so neighbouring rows have similar lengths)."""
+    rows = max(1, max_tokens // seq.shape[1])
+    return [trim(seq[i:i + rows], tgt[i:i + rows]) for i in range(0, seq.shape[0], rows)]
+
+
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainSequences,
                 epoch_seed: int, device: torch.device, epoch: int | None = None) -> float:
     """One pass over the training sequences; returns the mean loss. Raises Diverged on blow-up.
 
-    `epoch_seed` fixes the batch order; `epoch` is only used to name the epoch in messages."""
+    Each batch is processed in micro-batches of at most `cfg.max_tokens_per_step` positions whose
+    gradients accumulate into one optimiser step; the parts are weighted so the step equals the
+    full batch's (CE is a mean over positions, MSE a mean over sequences). `epoch_seed` fixes the
+    batch order; `epoch` only names the epoch in messages."""
     model.train()
     total, count = 0.0, 0
+    max_tokens = cfg.max_tokens_per_step if not cfg.pcgrad else 2**62  # PCGrad needs whole-batch task gradients
     for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches):
         seq, tgt = seq.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = model.loss(seq, tgt)
-        if not torch.isfinite(loss) or loss.item() > DIVERGED_LOSS:
-            raise Diverged(f"training loss became {loss.item():.4g} at epoch {epoch if epoch is not None else epoch_seed}")
-        if cfg.pcgrad and len(parts) > 1:
-            pcgrad_backward(model, [parts["ce"], cfg.mse_weight * parts["mse"]])
-        else:
-            loss.backward()
+        n_positions, n_sequences = int((tgt > 0).sum()), seq.shape[0]
+        batch_loss = 0.0
+        for seq_m, tgt_m in micro_batches(seq, tgt, max_tokens):
+            _, parts = model.loss(seq_m, tgt_m)
+            ce = parts["ce"] * (int((tgt_m > 0).sum()) / n_positions)
+            mse = parts["mse"] * (seq_m.shape[0] / n_sequences) if "mse" in parts else None
+            loss = ce if mse is None else ce + cfg.mse_weight * mse
+            if not torch.isfinite(loss):
+                raise Diverged(f"training loss became {loss.item():.4g} at epoch {epoch or epoch_seed}")
+            if cfg.pcgrad and mse is not None:
+                pcgrad_backward(model, [ce, cfg.mse_weight * mse])
+            else:
+                loss.backward()
+            batch_loss += loss.item()
+        if batch_loss > DIVERGED_LOSS:
+            raise Diverged(f"training loss became {batch_loss:.4g} at epoch {epoch or epoch_seed}")
         optimizer.step()
-        total += loss.item() * seq.shape[0]
-        count += seq.shape[0]
+        total += batch_loss * n_sequences
+        count += n_sequences
     return total / max(count, 1)
 
 

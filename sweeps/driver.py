@@ -96,6 +96,9 @@ class Driver:
         """Our callback prints the progress; Ray's reporter, tensorboardX name notes and the
         snapshot-frequency warning (we snapshot after every checkpoint on purpose) stay quiet."""
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # With a custom searcher Tune keeps only one trial pending: trials would start one at a time
+        # and the autoscaler would see one pending trial. Allow as many as may run at once.
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(self.args.max_concurrent or 64))
         if not self.args.verbose:
             os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter honours verbose=0
         logging.getLogger("tensorboardX").setLevel(logging.WARNING)

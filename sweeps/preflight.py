@@ -23,6 +23,7 @@ import logging
 import platform
 import re
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 # Packages whose source every node must share with the driver (trials import both).
 CODE_PACKAGES = ("adrec", "sweeps")
 DISTRIBUTION = "adrec-sensitivity"
-SHARED_STORAGE_FIX = ("use storage every node sees: an s3:// or gs:// URI (--storage s3://BUCKET/adrec) or an "
-                      "NFS path mounted at the same place on every node")
+SHARED_STORAGE_FIX = ("use storage every node sees: a folder every node mounts at the same path (NFS/EFS; "
+                      "--storage /mnt/adrec on cluster/gpu.yaml) or, where a URI is accepted, an s3:// or gs:// URI")
 SYNC_FIX = ("Make every node run the driver's code and versions: re-sync and reinstall (`ray up "
             "cluster/gpu.yaml` reruns file_mounts and setup_commands), or submit the sweep with "
             "`ray job submit --working-dir . -- python sweeps/run.py ...` so Ray ships the code to every node")
@@ -57,11 +58,14 @@ def node_label(node: dict[str, Any]) -> str:
 def on_every_node(probe: Callable[..., Any], *args: Any, timeout_s: float) -> list[tuple[dict, bool, Any]]:
     """Run `probe(*args)` once on every live node (zero-CPU task, hard node affinity).
 
-    Returns (node, answered, value or error text) per node. A node that cannot import `probe`'s
-    module (old code, project not installed) answers with that error."""
+    Returns (node, answered, value or error text) per node. This module's probes travel by value,
+    so a node runs them without importing the `sweeps` package (seconds per node, and a node with
+    old code still answers, with its own code's hash)."""
     import ray
+    import ray.cloudpickle
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     remote = ray.remote(num_cpus=0, max_retries=0)(probe)
     nodes = live_nodes()
     refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),

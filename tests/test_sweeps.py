@@ -221,6 +221,13 @@ def test_two_dataset_sweep_writes_table_and_tensorboard(tmp_path, ray_address):
         assert {"lambda_uncertainty", "noise_schedule", "dataset", "seed", "config_id"} <= set(hparams), trial_id
         assert "ray/tune/objective" in scalars
         assert not any(k.startswith("test_") for r in results_of(trial_dir) for k in r), trial_id
+    # the analysis renders this real table (two datasets: per-dataset and cross-dataset sections)
+    from results.cli import main as report_main
+
+    assert report_main([str(sweep), "--n-boot", "100", "-q"]) == 0
+    md = (sweep / "report" / "report.md").read_text()
+    assert "## Dataset: ml-100k" in md and "## Dataset: baby" in md
+    assert (sweep / "report" / "report.html").stat().st_size > 10_000 and (sweep / "report" / "hiplot.html").exists()
 
 
 @pytest.mark.slow

@@ -312,3 +312,26 @@ def test_end_to_end_learns_a_markov_chain(tmp_path: Path, plan: str) -> None:
     assert result["status"] == "completed"
     assert hr20 >= 3 * popular, (hr20, popular)
     assert hr20 <= 0.97
+
+
+@pytest.mark.parametrize("max_tokens", [300, 1000], ids=["many-micro-batches", "few-micro-batches"])
+def test_micro_batches_give_the_full_batch_step(max_tokens):
+    """Gradient accumulation over micro-batches must equal one step on the whole batch (CE is a mean
+    over positions, so each micro-batch is weighted by its share of them)."""
+    from adrec.data import load_dataset
+    from adrec.model import SASRec
+    from adrec.train import Splits, make_optimizer, train_epoch
+
+    data = load_dataset("ml-100k", max_users=80)
+    splits = Splits.build(data, 50)
+    results = []
+    for tokens in (10**9, max_tokens):
+        cfg = TrialConfig(hidden_size=16, dropout=0.0, emb_dropout=0.0, batch_size=64, max_tokens_per_step=tokens)
+        torch.manual_seed(0)
+        model = SASRec(cfg, data.num_items)
+        optimizer, _ = make_optimizer(cfg, model)
+        loss = train_epoch(cfg, model, optimizer, splits.train, 1, torch.device("cpu"))
+        results.append((loss, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (full_loss, full_params), (micro_loss, micro_params) = results
+    assert abs(full_loss - micro_loss) < 1e-5
+    assert (full_params - micro_params).abs().max().item() < 1e-4

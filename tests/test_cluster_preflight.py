@@ -1,0 +1,197 @@
+"""sweeps.preflight against a real multi-node Ray cluster on this machine (cluster.local.LocalCluster).
+
+A CPU-0 head and two workers declaring one GPU each; nodes that misbehave are real raylets too:
+one whose worker processes import a stale copy of the code (PYTHONPATH), one in its own mount
+namespace where the storage directory is hidden under a tmpfs (as a second machine's disk would be).
+This module connects this pytest process to its cluster, so it skips when another test's
+ray.init() already holds the process (run it on its own: `pytest -m cluster tests/test_cluster_preflight.py`).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalCluster, free_port, node_ip
+from sweeps import preflight
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
+FAKE_AUTOSCALER = REPO / "tests" / "fake_cluster" / "autoscaler.yaml"
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_unshare = pytest.mark.skipif(not _unshare_works(), reason="`unshare -m` (a private mount namespace, "
+                                   "to give one node another view of the disk) is not permitted here")
+
+
+def private_mounts(mount: str) -> list[str]:
+    """A command prefix: run the node in its own mount namespace after `mount` (seen by it alone)."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mount} && exec \"$@\"", "sh"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("another test's ray.init() holds this process; run "
+                    "`pytest -m cluster tests/test_cluster_preflight.py` on its own")
+    local = LocalCluster()
+    try:
+        local.start_head()  # CPU 0, as cluster/gpu.yaml's head
+        local.add_worker(num_cpus=1, num_gpus=1)
+        local.add_worker(num_cpus=1, num_gpus=1)
+        ray.init(address=local.address, log_to_driver=False)
+        _wait_alive(3)
+        yield local
+    finally:
+        ray.shutdown()
+        local.stop()
+
+
+def _wait_alive(count: int, timeout_s: float = 60) -> list[dict]:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) == count:
+            return alive
+        time.sleep(0.2)
+    raise TimeoutError(f"expected {count} live nodes, have {len(alive)}")
+
+
+def _node_id(local: LocalCluster, node) -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == node.node_manager_port)
+
+
+def _remove(local: LocalCluster, node, remaining: int) -> None:
+    local.kill(node, signal.SIGTERM)  # graceful: the GCS marks it dead at once
+    _wait_alive(remaining)
+
+
+# ------------------------------------------------------------------------------------- address
+def test_check_address_accepts_the_live_head(cluster):
+    start = time.monotonic()
+    preflight.check_address(cluster.address)
+    preflight.check_address(None)
+    preflight.check_address("local")
+    assert time.monotonic() - start < 2
+
+
+def test_check_address_fails_fast_on_a_port_nobody_listens_on():
+    address = f"{node_ip()}:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"--address={address} does not answer: TCP connect .* failed within 2 s"):
+        preflight.check_address(address, timeout_s=2)
+    assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", r"dashboard/job-server URL; the driver needs the GCS address"),
+    ("10.0.0.5", r"is not host:port"),
+    ("ray://head", r"is not host:port"),
+], ids=["dashboard-url", "no-port", "client-no-port"])
+def test_check_address_rejects_malformed_addresses(address, message):
+    with pytest.raises(ValueError, match=message):
+        preflight.check_address(address)
+
+
+# ------------------------------------------------------------------------------------- gpu request
+def test_gpu_request_that_fits_a_live_node_passes(cluster):
+    preflight.check_gpu_request(0.5, 1)  # two trials per declared GPU
+    preflight.check_gpu_request(1, 1)
+
+
+@pytest.mark.parametrize("gpus, cpus, message", [
+    (2, 1, r"asks for 2 GPU and 1 CPU on one node.*lower --gpus-per-trial to at most 1 "),
+    (1, 2, r"asks for 1 GPU and 2 CPU.*--cpus-per-trial to at most 1,"),
+], ids=["too-many-gpus", "too-many-cpus"])
+def test_gpu_request_no_node_offers_names_every_node(cluster, gpus, cpus, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        preflight.check_gpu_request(gpus, cpus, autoscaler_config=None)
+    assert str(info.value).count("1 CPU, 1 GPU") == 2 and "0 CPU, 0 GPU" in str(info.value)  # workers, head
+
+
+def test_gpu_request_counts_node_types_the_autoscaler_can_add(cluster):
+    preflight.check_gpu_request(2, 2, autoscaler_config=FAKE_AUTOSCALER)  # gpu2x: 2 CPU, 2 GPU
+    with pytest.raises(RuntimeError, match=r"node type gpu2x \(autoscaler\): 2 CPU, 2 GPU.*at most 2 "):
+        preflight.check_gpu_request(4, 1, autoscaler_config=FAKE_AUTOSCALER)
+
+
+@pytest.mark.parametrize("gpus, cpus, message", [
+    (1.5, 1, r"--gpus-per-trial=1.5: Ray accepts a fraction up to 1 or a whole number"),
+    (-1, 1, r"cannot be negative"),
+    (0, 0, r"a trial asking for nothing"),
+], ids=["fraction-above-one", "negative", "nothing"])
+def test_gpu_request_impossible_values(gpus, cpus, message):
+    with pytest.raises(ValueError, match=message):
+        preflight.check_gpu_request(gpus, cpus)
+
+
+# ------------------------------------------------------------------------------------- versions
+def test_every_node_runs_the_drivers_code(cluster):
+    preflight.check_node_versions()
+    driver = preflight.code_versions()
+    assert len(driver["code"]) == 16 and driver["python"].startswith("3.")
+
+
+@needs_unshare
+def test_a_node_with_stale_code_is_named(cluster, tmp_path):
+    stale = tmp_path / "adrec"
+    shutil.copytree(REPO / "adrec", stale, ignore=shutil.ignore_patterns("__pycache__"))
+    with (stale / "config.py").open("a") as f:
+        f.write("\n# an edit the driver does not have\n")
+    # This node sees the stale copy at the repository's own path (Ray puts the driver's working
+    # directory first on every worker's sys.path): a node whose synced directory is out of date.
+    odd = cluster.add_worker(num_cpus=1, wrap=private_mounts(f"mount --bind {stale} {REPO / 'adrec'}"))
+    try:
+        _wait_alive(4)
+        odd_id = _node_id(cluster, odd)
+        with pytest.raises(RuntimeError, match=rf"node {odd_id} \(\S+\): code [0-9a-f]{{16}} != driver "
+                                               rf"{preflight.code_versions()['code']}.*ray job submit --working-dir"
+                           ) as info:
+            preflight.check_node_versions()
+        others = [n["NodeID"] for n in _wait_alive(4) if n["NodeID"] != odd_id]
+        assert not any(other in str(info.value) for other in others)  # only the stale node
+    finally:
+        _remove(cluster, odd, 3)
+
+
+# ------------------------------------------------------------------------------------- storage
+def test_storage_every_node_sees_passes_and_leaves_no_marker(cluster, tmp_path):
+    storage = tmp_path / "storage"
+    preflight.check_storage_visible(str(storage))
+    assert storage.is_dir() and list(storage.iterdir()) == []
+
+
+@needs_unshare
+def test_a_node_that_cannot_see_the_storage_is_named(cluster, tmp_path):
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    # This node's processes see an empty tmpfs at `storage`: the same path, another disk.
+    odd = cluster.add_worker(num_cpus=1, wrap=private_mounts(f"mount -t tmpfs none {storage}"))
+    try:
+        _wait_alive(4)
+        odd_id = _node_id(cluster, odd)
+        with pytest.raises(RuntimeError, match=rf"is not visible on every node \(1 of 4 cannot read the driver's "
+                                               rf"marker\): node {odd_id} \(\S+\): cannot read .*FileNotFound.*"
+                                               rf"a folder every node mounts at the same path \(NFS/EFS.* an s3:// or gs:// URI"):
+            preflight.check_storage_visible(str(storage), timeout_s=30)
+        assert list(storage.iterdir()) == []
+    finally:
+        _remove(cluster, odd, 3)
