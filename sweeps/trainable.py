@@ -51,7 +51,7 @@ def split_config(config: dict[str, Any]) -> tuple[TrialConfig, dict[str, Any]]:
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Train one trial under Ray Tune."""
-    from adrec.train import Diverged, fit
+    from adrec.train import fit
 
     cfg, _ = split_config(config)
     _limit_threads()
@@ -81,10 +81,7 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
             _maybe_fault(context.fault_once, trial_id)
 
-        try:
-            result = fit(cfg, report, resume_from=resume_dir, stage1_cache=context.stage1_cache)
-        except Diverged as exc:  # a blow-up fit did not turn into a record itself (e.g. in stage 1)
-            result = {"config": cfg.to_dict(), "status": "diverged", "error": str(exc), "val": None, "test": None}
+        result = fit(cfg, report, resume_from=resume_dir, stage1_cache=context.stage1_cache)  # blow-ups -> status "diverged"
         result["ray"] = {"trial_id": trial_id, "node_id": node_id, "resumed_from_epoch": resumed_epoch}
         _report_final(result, cfg, node_id, scratch)
     finally:
