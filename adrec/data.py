@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +188,8 @@ def _download(info: DatasetInfo, target_dir: Path, url: str) -> Path:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
+            from tqdm import tqdm  # only a download needs a progress bar
+
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {info.file}") as bar:
                 while chunk := response.read(1 << 16):
                     out.write(chunk)
