@@ -182,7 +182,6 @@ class Context:
 
     mask: torch.Tensor  # (B, 1, Lq, Lk) self-attention mask
     pos_q: torch.Tensor  # (Lq,) positions of the queries (from newest)
-    pos_k: torch.Tensor  # (Lk,) positions of all keys
     memory: torch.Tensor | None = None  # (B, Lm, D) CAM output for cross-attention
     memory_mask: torch.Tensor | None = None  # (B, 1, Lq, Lm)
     cond: torch.Tensor | None = None  # (B, Lq, D) adaLN condition
@@ -346,7 +345,7 @@ class ADRec(nn.Module):
         if pe is not None:
             h = h + pe
         mask = attention_mask(valid)
-        ctx = Context(mask=mask, pos_q=pos, pos_k=pos, memory_mask=mask)
+        ctx = Context(mask=mask, pos_q=pos, memory_mask=mask)
         c, _ = self.cam(self.hist_norm(h), ctx)
         return c, ctx
 
@@ -419,11 +418,11 @@ class ADRec(nn.Module):
         if l > 1 and self.cfg.denoiser == "transformer":
             # Run the history once at t = 0 and keep every layer's keys and values.
             p = l - 1
-            pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:p], pos_k=ctx.pos_k[:p],
+            pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:p],
                               memory_mask=ctx.memory_mask[:, :, :p, :])
             t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
             _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c)
-        last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[-1:], pos_k=ctx.pos_k,
+        last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[-1:],
                            memory_mask=ctx.memory_mask[:, :, -1:, :])
         c_last = c[:, -1:]
         for i in reversed(range(self.steps)):
@@ -459,7 +458,7 @@ class SASRec(nn.Module):
 
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         pos = positions_from_newest(seq.shape[1], seq.device)
-        ctx = Context(mask=attention_mask(seq > 0), pos_q=pos, pos_k=pos)
+        ctx = Context(mask=attention_mask(seq > 0), pos_q=pos)
         h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), ctx)
         return h
 
