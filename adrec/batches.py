@@ -1,10 +1,13 @@
 """Padded tensors of the training and evaluation sequences, and the batches cut from them.
 
-Everything is left-padded to `max_len` once, up front. A batch is then trimmed to its longest
-sequence, and training batches are drawn from length buckets (shuffle, sort within chunks of a few
-batches, shuffle the batches), so a dataset where 88% of the 50 slots are padding does not pay for
-them. The epoch's order comes from a generator seeded by (seed, epoch), so a resumed run sees the
-same batches as an uninterrupted one.
+Everything is left-padded to `max_len` once, up front, and a batch is trimmed to its longest
+sequence. Training batches are plain shuffles of the users, as in the authors' code; the trainer
+then computes each batch in length-sorted micro-batches (train.micro_batches), so a dataset where
+88% of the 50 slots are padding does not pay for them while each step still sees a random batch.
+`bucketed=True` instead draws batches from length buckets (shuffle, sort within chunks of a few
+batches, shuffle the batches): fewer micro-batches, but on a small dataset the same users share a
+batch every epoch and short sequences weigh more in the batch mean. The epoch's order comes from
+a generator seeded by (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -33,6 +36,22 @@ def trim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t[:, first:] for t in tensors)
 
 
+def length_groups(lengths: Sequence[int], max_rows: int, max_tokens: int, fill: float) -> list[slice]:
+    """Cut rows sorted by descending length into consecutive groups of at most `max_rows` rows and
+    `max_tokens` positions (rows x the group's first, longest length), starting a new group at the
+    first row shorter than `fill` x that length, so padding stays under (1 - fill) of a group."""
+    groups, start = [], 0
+    while start < len(lengths):
+        longest = max(int(lengths[start]), 1)
+        cap = max(1, min(max_rows, max_tokens // longest))
+        end = start + 1
+        while end < len(lengths) and end - start < cap and lengths[end] >= fill * longest:
+            end += 1
+        groups.append(slice(start, end))
+        start = end
+    return groups
+
+
 @dataclass
 class TrainSequences:
     """Inputs and next-item targets for teacher-forced training: tgt[:, i] follows seq[:, i]."""
@@ -49,7 +68,7 @@ class TrainSequences:
     def __len__(self) -> int:
         return self.seq.shape[0]
 
-    def batches(self, batch_size: int, seed: int, epoch: int, bucketed: bool = True
+    def batches(self, batch_size: int, seed: int, epoch: int, bucketed: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self), generator=g)
@@ -66,21 +85,25 @@ class TrainSequences:
 
 @dataclass
 class EvalSequences:
-    """Histories and the single held-out item per user, ordered by length for tight batches."""
+    """Histories and the single held-out item per user, longest first, for tight batches."""
 
     seq: torch.Tensor  # (U, L)
     target: torch.Tensor  # (U,)
 
+    FILL = 0.75  # an evaluation batch is at most a quarter padding
+
     @classmethod
     def build(cls, histories: Sequence[Sequence[int]], targets: Sequence[int], max_len: int) -> "EvalSequences":
         seq = left_pad(histories, max_len)
-        order = (seq > 0).sum(1).argsort(stable=True)
+        order = (seq > 0).sum(1).argsort(descending=True, stable=True)
         return cls(seq=seq[order], target=torch.as_tensor(list(targets), dtype=torch.long)[order])
 
     def __len__(self) -> int:
         return self.seq.shape[0]
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self), batch_size):
-            (seq,) = trim(self.seq[start:start + batch_size])
-            yield seq, self.target[start:start + batch_size]
+        """At most `batch_size` users each, cut where lengths drop, trimmed to their longest."""
+        lengths = (self.seq > 0).sum(1).tolist()
+        for part in length_groups(lengths, batch_size, 2**62, self.FILL):
+            (seq,) = trim(self.seq[part])
+            yield seq, self.target[part]

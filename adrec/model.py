@@ -130,10 +130,21 @@ def attention_mask(key_valid: torch.Tensor, n_queries: int | None = None) -> tor
 
 @dataclass
 class KV:
-    """Keys and values of one attention layer for a fixed prefix: (B, H, P, dh) each."""
+    """Keys and values of one attention layer for a fixed prefix: (B, H, P, dh) each.
+
+    `room` > 0 marks the last `room` positions as slots the queries write their own keys and values
+    into, so a T-step loop over one new token reuses one buffer instead of concatenating each step.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
+    room: int = 0
+
+    def with_room(self, n: int) -> "KV":
+        b, h, p, dh = self.k.shape
+        k, v = self.k.new_empty(b, h, p + n, dh), self.v.new_empty(b, h, p + n, dh)
+        k[:, :, :p], v[:, :, :p] = self.k, self.v
+        return KV(k, v, room=n)
 
 
 class Attention(nn.Module):
@@ -161,9 +172,14 @@ class Attention(nn.Module):
         q = self._split(self.q(x))  # (B, H, Lq, dh)
         if self.rotary is not None and pos is not None:
             q = self.rotary(q, pos)
-        y = F.scaled_dot_product_attention(
-            q, kv.k, kv.v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, Lq, dh)
+        if q.shape[2] == 1 and not self.training:
+            # One query per row (the sampler's last token): two small matmuls beat CPU SDPA kernels.
+            scores = (q @ kv.k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            y = torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1) @ kv.v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, kv.k, kv.v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, Lq, dh)
         b, h, lq, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(b, lq, h * dh))
 
@@ -224,10 +240,20 @@ class Block(nn.Module):
         x = self.norms[-1](x + self.drop(self.ffn(x)))
         return x, kv
 
+    def keys_values(self, x: torch.Tensor, ctx: Context, past: KV | None = None) -> KV:
+        """Only this block's self-attention keys/values for input `x` (what a later token needs)."""
+        if self.adaln:
+            shift1, scale1 = self.modulation(F.silu(ctx.cond)).chunk(6, -1)[:2]
+            x = self.norms[0](x) * (1 + scale1) + shift1
+        return self._self_kv(x, ctx, past)
+
     def _self_kv(self, x: torch.Tensor, ctx: Context, past: KV | None) -> KV:
         new = self.attn.keys_values(x, ctx.pos_q)
         if past is None:
             return new
+        if past.room == new.k.shape[2]:  # inference only: overwrite the query slots in place
+            past.k[:, :, -past.room:], past.v[:, :, -past.room:] = new.k, new.v
+            return past
         return KV(torch.cat([past.k, new.k], dim=2), torch.cat([past.v, new.v], dim=2))
 
     def _forward_adaln(self, x: torch.Tensor, ctx: Context, past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -250,11 +276,17 @@ class Transformer(nn.Module):
         )
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=LN_EPS) if adaln else None
 
-    def forward(self, x: torch.Tensor, ctx: Context, past: list[KV] | None = None
+    def forward(self, x: torch.Tensor, ctx: Context, past: list[KV] | None = None, kv_only: bool = False
                 ) -> tuple[torch.Tensor, list[KV]]:
+        """`kv_only`: the caller wants only the cache, so the last block computes just its keys and
+        values (its output would be thrown away) and the returned tensor is that block's input."""
         cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, ctx, None if past is None else past[i])
+            block_past = None if past is None else past[i]
+            if kv_only and i == len(self.blocks) - 1:
+                cache.append(block.keys_values(x, ctx, block_past))
+                return x, cache
+            x, kv = block(x, ctx, block_past)
             cache.append(kv)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -283,8 +315,11 @@ class Denoiser(nn.Module):
                                    adaln=cfg.aggregation == "adaln")
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
-        # The authors rescale t to [0, 1000) before the sinusoid (rescale_timesteps=True).
-        return self.time_mlp(sinusoid(t.float() * (1000.0 / self.steps), self.cfg.hidden_size))
+        # The authors rescale t to [0, 1000) before the sinusoid (rescale_timesteps=True). t takes
+        # only T values, so the MLP runs on the T rows of a table instead of on every token.
+        steps = torch.arange(self.steps, device=t.device, dtype=torch.float32)
+        table = self.time_mlp(sinusoid(steps * (1000.0 / self.steps), self.cfg.hidden_size))
+        return table[t]
 
     def aggregate(self, c: torch.Tensor, x_t: torch.Tensor, t_emb: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -299,7 +334,7 @@ class Denoiser(nn.Module):
         return x_t, c + t_emb  # adaln
 
     def forward(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx: Context,
-                c_memory: torch.Tensor | None = None, past: list[KV] | None = None
+                c_memory: torch.Tensor | None = None, past: list[KV] | None = None, kv_only: bool = False
                 ) -> tuple[torch.Tensor, list[KV]]:
         """Predict x_0 for the query positions. `c`, `x_t`, `t` cover the queries only; with
         cross-attention `c_memory` is the whole history encoding the queries may attend to."""
@@ -310,7 +345,7 @@ class Denoiser(nn.Module):
         if isinstance(self.net, nn.Sequential):
             return self.net(z), []
         ctx.cond, ctx.memory = cond, c_memory if c_memory is not None else c
-        return self.net(z, ctx, past)
+        return self.net(z, ctx, past, kv_only)
 
 
 class ADRec(nn.Module):
@@ -421,7 +456,8 @@ class ADRec(nn.Module):
             pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:p],
                               memory_mask=ctx.memory_mask[:, :, :p, :])
             t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
-            _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c)
+            _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c, kv_only=True)
+            past = [kv.with_room(1) for kv in past]
         last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[-1:],
                            memory_mask=ctx.memory_mask[:, :, -1:, :])
         c_last = c[:, -1:]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adrec.batches import EvalSequences, TrainSequences, trim
+from adrec.batches import EvalSequences, TrainSequences, length_groups, trim
 from adrec.config import TrialConfig
 from adrec.data import SplitData, load_dataset
 from adrec.metrics import METRIC_NAMES, RankingMetrics
@@ -191,10 +191,13 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
 
 
 def micro_batches(seq: torch.Tensor, tgt: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split a batch into row groups of at most `max_tokens` positions, each trimmed to its own
-    longest sequence (batches are bucketed, so neighbouring rows have similar lengths)."""
-    rows = max(1, max_tokens // seq.shape[1])
-    return [trim(seq[i:i + rows], tgt[i:i + rows]) for i in range(0, seq.shape[0], rows)]
+    """Split a batch into length-sorted row groups of at most `max_tokens` positions and at most half
+    padding, each trimmed to its own longest sequence. The batch itself (and so the optimiser step)
+    is unchanged, only how it is computed."""
+    lengths = (seq > 0).sum(1)
+    order = lengths.argsort(descending=True, stable=True)
+    parts = length_groups(lengths[order].tolist(), len(order), max_tokens, fill=0.5)
+    return [trim(seq[order[p]], tgt[order[p]]) for p in parts]
 
 
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainSequences,

@@ -335,3 +335,23 @@ def test_micro_batches_give_the_full_batch_step(max_tokens):
     (full_loss, full_params), (micro_loss, micro_params) = results
     assert abs(full_loss - micro_loss) < 1e-5
     assert (full_params - micro_params).abs().max().item() < 1e-4
+
+
+def test_micro_batches_cover_each_row_once_with_at_most_half_padding() -> None:
+    """Length-sorted micro-batches: every row of the batch exactly once, its tokens untouched, each
+    group within the token cap and at most half padding (baby-like lengths: many short, few long)."""
+    from adrec.batches import left_pad
+    from adrec.train import micro_batches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in (torch.randint(2, 9, (300,), generator=gen))] + [50] * 5 + [20] * 20
+    rows = [[1 + (7 * r + j) % 97 for j in range(n)] for r, n in enumerate(lengths)]
+    seq, tgt = left_pad(rows, 50), left_pad([[x + 1 for x in r] for r in rows], 50)
+    parts = micro_batches(seq, tgt, max_tokens=1000)
+    got = sorted(tuple(int(x) for x in r[r > 0]) for s, _ in parts for r in s)
+    assert got == sorted(tuple(r) for r in rows)
+    for s, t in parts:
+        assert s.numel() <= 1000 or s.shape[0] == 1
+        assert (s > 0).sum() * 2 >= s.numel(), s.shape
+        assert torch.equal((s > 0), (t > 0))
+    assert len(parts) < 12  # a handful of groups, not one per row
