@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from adrec.config import TrialConfig
 from adrec.data import load_dataset
 from adrec.model import ADRec, SASRec
-from adrec.train import Splits, environment, evaluate, make_optimizer, resolve_device, seed_everything, train_epoch
+from adrec.train import (Splits, environment, evaluate, flush_denormals, make_optimizer, resolve_device,
+                         seed_everything, train_epoch)
 
 
 def peak_rss_mb() -> float:
@@ -75,6 +76,7 @@ def run_bench(cfg: TrialConfig, epochs: int = 2, warmup: int = 1, eval_passes: i
     if epochs < 1 or warmup < 0:
         raise ValueError(f"bench needs epochs >= 1 and warmup >= 0; got epochs={epochs}, warmup={warmup}")
     device = resolve_device(cfg.device)
+    flush_denormals(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)

@@ -355,3 +355,15 @@ def test_micro_batches_cover_each_row_once_with_at_most_half_padding() -> None:
         assert (s > 0).sum() * 2 >= s.numel(), s.shape
         assert torch.equal((s > 0), (t > 0))
     assert len(parts) < 12  # a handful of groups, not one per row
+
+
+def test_flush_denormals_zeroes_subnormal_floats_on_cpu() -> None:
+    from adrec.train import flush_denormals
+
+    tiny = torch.tensor([1e-39, 1e-30])  # the first is subnormal in float32
+    assert tiny[0] > 0
+    try:
+        flush_denormals(torch.device("cpu"))
+        assert (tiny * 1.0).tolist()[0] == 0.0 and (tiny * 1.0)[1] > 0
+    finally:
+        torch.set_flush_denormal(False)
