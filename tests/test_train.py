@@ -360,6 +360,7 @@ def test_micro_batches_cover_each_row_once_with_at_most_half_padding() -> None:
 def test_flush_denormals_zeroes_subnormal_floats_on_cpu() -> None:
     from adrec.train import flush_denormals
 
+    torch.set_flush_denormal(False)  # an earlier fit in this process may have turned it on
     tiny = torch.tensor([1e-39, 1e-30])  # the first is subnormal in float32
     assert tiny[0] > 0
     try:
