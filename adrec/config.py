@@ -184,8 +184,9 @@ def _non_negative(cfg: TrialConfig, *names: str) -> None:
 
 
 def _check_values(cfg: TrialConfig) -> None:
-    _positive(cfg, "hidden_size", "cam_blocks", "heads", "max_len", "batch_size", "eval_batch_size", "max_tokens_per_step", "lr",
-              "diffusion_steps", "cosine_t_max", "eval_every", "patience", "beta_a", "beta_b")
+    _positive(cfg, "hidden_size", "cam_blocks", "heads", "max_len", "batch_size", "eval_batch_size",
+              "max_tokens_per_step", "lr", "diffusion_steps", "cosine_t_max", "eval_every", "patience",
+              "beta_a", "beta_b")
     _non_negative(cfg, "adm_blocks", "weight_decay", "mse_weight", "lambda_uncertainty",
                   "stage1_epochs", "stage2_epochs", "stage3_epochs", "max_users")
     for name in ("dropout", "emb_dropout"):

@@ -217,6 +217,7 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
     full batch's (CE is a mean over positions, MSE a mean over sequences). `epoch_seed` fixes the
     batch order; `epoch` only names the epoch in messages."""
     model.train()
+    where = epoch if epoch is not None else epoch_seed
     total, count = 0.0, 0
     max_tokens = cfg.max_tokens_per_step if not cfg.pcgrad else 2**62  # PCGrad needs whole-batch task gradients
     for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches):
@@ -230,14 +231,14 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
             mse = parts["mse"] * (seq_m.shape[0] / n_sequences) if "mse" in parts else None
             loss = ce if mse is None else ce + cfg.mse_weight * mse
             if not torch.isfinite(loss):
-                raise Diverged(f"training loss became {loss.item():.4g} at epoch {epoch or epoch_seed}")
+                raise Diverged(f"training loss became {loss.item():.4g} at epoch {where}")
             if cfg.pcgrad and mse is not None:
                 pcgrad_backward(model, [ce, cfg.mse_weight * mse])
             else:
                 loss.backward()
             batch_loss += loss.item()
         if batch_loss > DIVERGED_LOSS:
-            raise Diverged(f"training loss became {batch_loss:.4g} at epoch {epoch or epoch_seed}")
+            raise Diverged(f"training loss became {batch_loss:.4g} at epoch {where}")
         optimizer.step()
         total += batch_loss * n_sequences
         count += n_sequences
