@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class Node:
     process: subprocess.Popen
     node_manager_port: int
     log: Path
-    resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -96,10 +95,10 @@ class LocalCluster:
         self.dashboard_url: str | None = None
 
     # ----------------------------------------------------------------------------------- start
-    def _spawn(self, name: str, args: list[str], wrap: list[str] | None = None,
-               env: dict[str, str] | None = None, resources: dict[str, float] | None = None) -> Node:
+    def _spawn(self, name: str, args: list[str], node_manager_port: int, wrap: list[str] | None = None,
+               env: dict[str, str] | None = None) -> Node:
         log = self.root / f"{name}.log"
-        port = next(int(a.split("=", 1)[1]) for a in args if a.startswith("--node-manager-port="))
+        args = args + [f"--node-manager-port={node_manager_port}"]
         # A temp dir per node, as on separate machines: nodes that share one would share
         # runtime_resources/, and one node's cleanup of a job's working_dir removes it under the others.
         args = args + [f"--temp-dir={self.root / name}"]
@@ -109,7 +108,7 @@ class LocalCluster:
         process = subprocess.Popen((wrap or []) + [RAY_CLI, "start", *args, "--block", "--disable-usage-stats"],
                                    env={**self.env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        node = Node(name, process, port, log, dict(resources or {}))
+        node = Node(name, process, node_manager_port, log)
         self.nodes.append(node)
         return node
 
@@ -122,7 +121,7 @@ class LocalCluster:
             raise RuntimeError(f"this LocalCluster already has a head at {self.address}")
         port, nm_port = free_port(), free_port()
         args = ["--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                f"--node-manager-port={nm_port}", f"--include-dashboard={str(dashboard).lower()}"]
+                f"--include-dashboard={str(dashboard).lower()}"]
         env = {}
         # The dashboard process runs even with --include-dashboard=false: never leave it on 8265.
         dash = free_port()
@@ -136,12 +135,11 @@ class LocalCluster:
             path.write_text(yaml.safe_dump(config))
             args.append(f"--autoscaling-config={path}")
             env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-        head = self._spawn("head", args, env=env, resources={"CPU": num_cpus, "GPU": num_gpus})
+        head = self._spawn("head", args, nm_port, env=env)
         wait_for_port(self.ip, port, timeout_s, "the Ray head's GCS", head.log)
         wait_for_port(self.ip, nm_port, timeout_s, "the Ray head's raylet", head.log)
         if dashboard:
-            wait_for_port("127.0.0.1", int(self.dashboard_url.rsplit(":", 1)[1]), timeout_s,
-                          "the Ray dashboard", head.log)
+            wait_for_port("127.0.0.1", dash, timeout_s, "the Ray dashboard", head.log)
         self.address = f"{self.ip}:{port}"
         return self.address
 
@@ -152,10 +150,8 @@ class LocalCluster:
         if not self.address:
             raise RuntimeError("start_head() first: a worker needs the head's address")
         nm_port = free_port()
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                f"--node-manager-port={nm_port}"]
-        node = self._spawn(f"worker{len(self.nodes)}", args, wrap=wrap, env=env,
-                           resources={"CPU": num_cpus, "GPU": num_gpus})
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
+        node = self._spawn(f"worker{len(self.nodes)}", args, nm_port, wrap=wrap, env=env)
         wait_for_port(self.ip, nm_port, timeout_s, f"worker {node.name}'s raylet", node.log)
         return node
 
@@ -204,15 +200,8 @@ class LocalCluster:
 
     def kill(self, node: Node, sig: int = signal.SIGKILL) -> None:
         """End one node (SIGKILL: a real raylet crash with its trial processes, as a lost cloud node)."""
-        import psutil
-
-        procs = self.processes(node)
         if sig == signal.SIGKILL:
-            for proc in procs:
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
+            _kill_all(self.processes(node))
         elif node.alive:
             os.killpg(node.process.pid, sig)
         node.process.wait(timeout=30)
@@ -220,8 +209,6 @@ class LocalCluster:
     def stop(self, grace_s: float = 2) -> None:
         """End every process this cluster started (workers first, then the head); remove the temp
         dir (node logs included) when this object made it."""
-        import psutil
-
         procs = [p for node in self.nodes for p in self.processes(node)]
         for node in reversed(self.nodes):
             if node.alive:
@@ -235,11 +222,7 @@ class LocalCluster:
                 node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for proc in procs:  # `ray start --block` may outlive SIGTERM; workers are in other groups
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+        _kill_all(procs)  # `ray start --block` may outlive SIGTERM; workers are in other groups
         for node in self.nodes:
             if node.process.poll() is None:
                 node.process.wait(timeout=30)
@@ -271,3 +254,14 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _kill_all(procs: list) -> None:
+    """SIGKILL each psutil process, skipping those already gone."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

@@ -102,7 +102,8 @@ def ray_errors(config: dict[str, Any]) -> list[str]:
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    provider = (config.get("provider") or {}).get("type") if isinstance(config.get("provider"), dict) else None
+    provider_section = config.get("provider")
+    provider = provider_section.get("type") if isinstance(provider_section, dict) else None
     if provider is None:
         return ["provider.type: missing; set provider: {type: aws, region: ...} (or fake_multinode for local tests)"]
     try:

@@ -137,7 +137,8 @@ BROKEN = [
 
 @pytest.mark.parametrize("mutate, message", [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN])
 def test_broken_gpu_config_is_refused_naming_the_field(gpu_config, mutate, message):
-    assert re.search(message, errors_of(mutate(gpu_config))), errors_of(mutate(gpu_config))
+    errors = errors_of(mutate(gpu_config))
+    assert re.search(message, errors), errors
 
 
 def test_field_paths_quote_keys_that_are_not_identifiers():

@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from adrec.data import resolve_data_dir
-from cluster.local import LocalCluster
+from cluster.local import RAY_CLI as RAY, LocalCluster
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 FAKE_AUTOSCALER = REPO / "tests" / "fake_cluster" / "autoscaler.yaml"
-RAY = str(Path(sys.executable).with_name("ray"))
+
 # Small enough for two cores: 100 users, a 16-wide model, one stage-1 epoch, an evaluation per epoch.
 TINY = {"stage1_epochs": 1, "stage2_epochs": 1, "stage3_epochs": 4, "eval_every": 1, "patience": 50,
         "hidden_size": 16, "heads": 2, "diffusion_steps": 24, "batch_size": 64, "eval_batch_size": 256}
@@ -115,10 +115,8 @@ def job_sweep(cluster, token, tmp_path_factory):
     space, storage = write_space(folder, paired=4), folder / "storage"
     submit = [RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO), "--",
               "python", *sweep_args(space, storage, "auto", gpus=0.5)]
-    start = time.monotonic()
     out = subprocess.run(submit, cwd=REPO, env=client, capture_output=True, text=True, timeout=400)
-    return {"out": out, "seconds": time.monotonic() - start, "sweep_dir": storage / "s", "client": client,
-            "ids": cluster.ids}
+    return {"out": out, "sweep_dir": storage / "s", "client": client}
 
 
 def test_job_submission_needs_the_clusters_token(cluster, job_sweep):
@@ -128,12 +126,12 @@ def test_job_submission_needs_the_clusters_token(cluster, job_sweep):
     assert out.returncode != 0 and "authentication token is invalid" in (out.stdout + out.stderr)
 
 
-def test_job_runs_the_sweep_on_the_workers_only(job_sweep):
+def test_job_runs_the_sweep_on_the_workers_only(cluster, job_sweep):
     out = job_sweep["out"]
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     assert "finished: 4 trials" in out.stdout
     df = pd.read_parquet(job_sweep["sweep_dir"] / "trials.parquet")
-    ids = job_sweep["ids"]
+    ids = cluster.ids
     assert len(df) == 4 and df["trial_id"].is_unique and set(df["status"]) == {"completed"}
     assert set(df["node_id"]) <= {ids["worker1"], ids["worker2"]}  # the head (CPU 0) runs no trial
     assert df["node_id"].nunique() == 2

@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -62,26 +64,26 @@ def cluster():
 
 
 def _wait_alive(count: int, timeout_s: float = 60) -> list[dict]:
-    import ray
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        alive = preflight.live_nodes()
         if len(alive) == count:
             return alive
         time.sleep(0.2)
     raise TimeoutError(f"expected {count} live nodes, have {len(alive)}")
 
 
-def _node_id(local: LocalCluster, node) -> str:
-    import ray
-
-    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeManagerPort"] == node.node_manager_port)
-
-
-def _remove(local: LocalCluster, node, remaining: int) -> None:
-    local.kill(node, signal.SIGTERM)  # graceful: the GCS marks it dead at once
-    _wait_alive(remaining)
+@contextmanager
+def _odd_worker(local: LocalCluster, mount: str) -> Iterator[tuple[str, list[dict]]]:
+    """A fourth node whose processes see `mount` privately; yields its node id and the live nodes,
+    and removes it afterwards."""
+    odd = local.add_worker(num_cpus=1, wrap=private_mounts(mount))
+    try:
+        live = _wait_alive(4)
+        yield local.node_ids(live)[odd.name], live
+    finally:
+        local.kill(odd, signal.SIGTERM)  # graceful: the GCS marks it dead at once
+        _wait_alive(3)
 
 
 # ------------------------------------------------------------------------------------- address
@@ -158,18 +160,13 @@ def test_a_node_with_stale_code_is_named(cluster, tmp_path):
         f.write("\n# an edit the driver does not have\n")
     # This node sees the stale copy at the repository's own path (Ray puts the driver's working
     # directory first on every worker's sys.path): a node whose synced directory is out of date.
-    odd = cluster.add_worker(num_cpus=1, wrap=private_mounts(f"mount --bind {stale} {REPO / 'adrec'}"))
-    try:
-        _wait_alive(4)
-        odd_id = _node_id(cluster, odd)
+    with _odd_worker(cluster, f"mount --bind {stale} {REPO / 'adrec'}") as (odd_id, live):
         with pytest.raises(RuntimeError, match=rf"node {odd_id} \(\S+\): code [0-9a-f]{{16}} != driver "
                                                rf"{preflight.code_versions()['code']}.*ray job submit --working-dir"
                            ) as info:
             preflight.check_node_versions()
-        others = [n["NodeID"] for n in _wait_alive(4) if n["NodeID"] != odd_id]
+        others = [n["NodeID"] for n in live if n["NodeID"] != odd_id]
         assert not any(other in str(info.value) for other in others)  # only the stale node
-    finally:
-        _remove(cluster, odd, 3)
 
 
 # ------------------------------------------------------------------------------------- storage
@@ -184,14 +181,9 @@ def test_a_node_that_cannot_see_the_storage_is_named(cluster, tmp_path):
     storage = tmp_path / "storage"
     storage.mkdir()
     # This node's processes see an empty tmpfs at `storage`: the same path, another disk.
-    odd = cluster.add_worker(num_cpus=1, wrap=private_mounts(f"mount -t tmpfs none {storage}"))
-    try:
-        _wait_alive(4)
-        odd_id = _node_id(cluster, odd)
+    with _odd_worker(cluster, f"mount -t tmpfs none {storage}") as (odd_id, _):
         with pytest.raises(RuntimeError, match=rf"is not visible on every node \(1 of 4 cannot read the driver's "
                                                rf"marker\): node {odd_id} \(\S+\): cannot read .*FileNotFound.*"
                                                rf"a folder every node mounts at the same path \(NFS/EFS.* an s3:// or gs:// URI"):
             preflight.check_storage_visible(str(storage), timeout_s=30)
         assert list(storage.iterdir()) == []
-    finally:
-        _remove(cluster, odd, 3)
