@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,11 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from sweeps.searchers import read_runtime
+from sweeps.plan import write_json
+from sweeps.searchers import dataset_key, read_runtime
+from sweeps.spaces import BASELINES
 from sweeps.table import TABLE_FILE, read_error, read_fit_result, read_table, to_frame, trial_row, write_table
+from sweeps.trainable import FIT_RESULT
 
 log = logging.getLogger("sweeps.progress")
 PROGRESS_FILE = "progress.json"
@@ -101,10 +103,7 @@ class SweepProgress(tune.Callback):
         by_phase = Counter(str(r["phase"]) for r in rows)
         state = {"phase": self.phase, "running": len(self._running), "finished": len(self.rows()),
                  "by_phase": dict(by_phase), "by_dataset": self._counts()}
-        path = Path(self.sweep_dir) / PROGRESS_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, path)
+        write_json(Path(self.sweep_dir) / PROGRESS_FILE, state)
 
     def _line(self, row: dict[str, Any]) -> str:
         metric = f"val_{row.get('select_metric') or 'NDCG@20'}"
@@ -115,14 +114,10 @@ class SweepProgress(tune.Callback):
         c = self._counts().get(ds, {})
         value = row.get(metric)
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else "-"
-        return (f"[{row['phase']:>8} {_short(ds):>8}] {row['trial_id']} {row['config_id']} seed={row['seed']} "
+        return (f"[{row['phase']:>8} {dataset_key(ds):>8}] {row['trial_id']} {row['config_id']} seed={row['seed']} "
                 f"{row['status']:<9} {metric}={shown} | best {best:.4f} | running {c.get('running', 0)}, "
                 f"completed {c.get('completed', 0)}, pruned {c.get('pruned', 0)}, "
                 f"diverged {c.get('diverged', 0)}, failed {c.get('failed', 0)}")
-
-
-def _short(dataset: str) -> str:
-    return Path(dataset).stem if os.sep in dataset else dataset
 
 
 def _history(trial: Any) -> pd.DataFrame:
@@ -146,7 +141,7 @@ def _fit_result(trial: Any) -> dict[str, Any] | None:
         return None
     try:
         with ckpt.as_directory() as d:
-            path = Path(d) / "fit_result.json"
+            path = Path(d) / FIT_RESULT
             return json.loads(path.read_text()) if path.exists() else None
     except Exception:  # noqa: BLE001 - fall back to the storage copy
         return read_fit_result(trial.path) if trial.path else None
@@ -163,14 +158,14 @@ def best_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         adrec = done[done["model"] == "adrec"]
         confirm = adrec[adrec["phase"] == "confirm"]
         pool = confirm if len(confirm) else adrec
-        entry: dict[str, Any] = {"dataset": _short(str(ds))}
+        entry: dict[str, Any] = {"dataset": dataset_key(str(ds))}
         if len(pool):
             means = pool.groupby("config_id")[[col, test_col]].mean()
             best_id = means[col].idxmax()
             entry.update(config_id=best_id, seeds=int((pool["config_id"] == best_id).sum()),
                          val=float(means.loc[best_id, col]), test=float(means.loc[best_id, test_col]),
                          source="confirm" if len(confirm) else "best single run")
-        for b in ("most_popular", "sasrec"):
+        for b in BASELINES:
             base = done[done["model"] == b]
             if len(base):
                 entry[f"{b}_test"] = float(base[test_col].mean())

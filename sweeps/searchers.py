@@ -37,19 +37,35 @@ def read_runtime(sweep_dir: str) -> dict[str, Any]:
 
 
 class _LiveLimit:
-    """`--max-concurrent` without Ray's ConcurrencyLimiter, whose saved live set goes stale on a kill."""
+    """`--max-concurrent` without Ray's ConcurrencyLimiter, whose saved live set goes stale on a kill.
 
+    Also the searchers' durability: nothing is saved, and `_LAZY` (the attribute a subclass rebuilds
+    from files on first use), the live set and the limit are dropped when pickled or restored.
+    """
+
+    _LAZY: str
     _live: set[str] | None = None
+    _limit: int | None = None
     sweep_dir: str
 
     def _room(self) -> bool:
-        limit = int(read_runtime(self.sweep_dir).get("max_concurrent") or 0)
-        return not limit or len(self._live or ()) < limit
+        if self._limit is None:  # runtime.json is written once per driver run, before any Tuner
+            self._limit = int(read_runtime(self.sweep_dir).get("max_concurrent") or 0)
+        return not self._limit or len(self._live or ()) < self._limit
 
     def _track(self, trial_id: str, alive: bool) -> None:
         if self._live is None:
             self._live = set()
         (self._live.add if alive else self._live.discard)(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(pickle.dumps({}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        setattr(self, self._LAZY, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, self._LAZY: None, "_live": None, "_limit": None}
 
 
 class JobSearcher(_LiveLimit, Searcher):
@@ -57,6 +73,8 @@ class JobSearcher(_LiveLimit, Searcher):
 
     The driver writes the jobs not yet known to the (restored) experiment into `jobs_file`.
     """
+
+    _LAZY = "_pending"
 
     def __init__(self, jobs_file: str, sweep_dir: str) -> None:
         super().__init__()
@@ -80,14 +98,6 @@ class JobSearcher(_LiveLimit, Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._track(trial_id, False)
 
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_bytes(pickle.dumps({}))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self._pending = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pending": None, "_live": None}
 
 
 class StudySearcher(_LiveLimit, Searcher):
@@ -98,6 +108,8 @@ class StudySearcher(_LiveLimit, Searcher):
     knobs under distinct names). Completed trials are told their objective, trials stopped by the
     scheduler are PRUNED, diverged and crashed ones FAIL.
     """
+
+    _LAZY = "_studies"
 
     def __init__(self, *, journal: str, sweep_dir: str, study_names: Mapping[str, str], space: Space,
                  base_configs: Mapping[str, dict[str, Any]], num_samples: int, seed: int) -> None:
@@ -208,14 +220,6 @@ class StudySearcher(_LiveLimit, Searcher):
             return
         tell(study, frozen, outcome(result, error), result)
 
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_bytes(pickle.dumps({}))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self._studies = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_studies": None, "_live": None}
 
 
 def outcome(result: Mapping[str, Any] | None, error: bool) -> str:
