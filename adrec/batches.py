@@ -2,11 +2,12 @@
 
 Everything is left-padded to `max_len` once, up front, and a batch is trimmed to its longest
 sequence. Training batches are plain shuffles of the users, as in the authors' code; the trainer
-then computes each batch in length-sorted micro-batches (train.micro_batches), so a dataset where
-88% of the 50 slots are padding does not pay for them while each step still sees a random batch.
-`bucketed=True` instead draws batches from length buckets (shuffle, sort within chunks of a few
-batches, shuffle the batches): fewer micro-batches, but on a small dataset the same users share a
-batch every epoch and short sequences weigh more in the batch mean. The epoch's order comes from
+then packs each batch's sequences end to end into rows (`pack`: a row holds several short
+sequences, and each attends only to itself), so a dataset where 88% of the 50 slots are padding
+does not pay for them while each step still sees a random batch. `bucketed=True` instead draws
+batches from length buckets (shuffle, sort within chunks of a few batches, shuffle the batches):
+on a small dataset the same users then share a batch every epoch and short sequences weigh more
+in the batch mean. The epoch's order comes from
 a generator seeded by (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
@@ -50,6 +51,63 @@ def length_groups(lengths: Sequence[int], max_rows: int, max_tokens: int, fill: 
         groups.append(slice(start, end))
         start = end
     return groups
+
+
+@dataclass
+class Packed:
+    """Sequences laid end to end in rows: `segment` numbers them 1, 2, ... within each row (0 marks
+    padding), each sequence's items in order with its newest last, as in a left-padded row."""
+
+    seq: torch.Tensor  # (R, W)
+    tgt: torch.Tensor  # (R, W)
+    segment: torch.Tensor  # (R, W)
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.segment.amax(1).sum())
+
+    def split(self, max_tokens: int) -> list["Packed"]:
+        """Consecutive row groups of at most `max_tokens` positions (one row at least)."""
+        rows = max(1, max_tokens // self.seq.shape[1])
+        return [Packed(s, t, g) for s, t, g in zip(self.seq.split(rows), self.tgt.split(rows), self.segment.split(rows))]
+
+
+def first_fit(lengths: Sequence[int], width: int) -> list[int]:
+    """Row of each length under first-fit decreasing packing into rows of `width` slots."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free: list[int] = []
+    row_of = [0] * len(lengths)
+    for i in order:
+        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+        if row == len(free):
+            free.append(width)
+        free[row] -= lengths[i]
+        row_of[i] = row
+    return row_of
+
+
+def pack(seq: torch.Tensor, tgt: torch.Tensor) -> Packed:
+    """Pack the left-padded rows of a batch (inputs and targets share their padding) end to end
+    into rows as wide as the longest sequence, first-fit decreasing."""
+    lengths = (seq > 0).sum(1).tolist()
+    width = max(lengths + [1])
+    row_of = first_fit(lengths, width)
+    used, count = [0] * (max(row_of) + 1), [0] * (max(row_of) + 1)
+    start, segment = [], []
+    for n, r in zip(lengths, row_of):  # within a row, sequences keep their batch order
+        start.append(used[r])
+        used[r] += n
+        count[r] += n > 0
+        segment.append(count[r])
+    # One index per token: its column in the left-padded batch and its place in the packed rows.
+    n = torch.tensor(lengths)
+    tok = torch.repeat_interleave(torch.arange(len(lengths)), n)
+    k = torch.arange(len(tok)) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    src = (tok, seq.shape[1] - n[tok] + k)
+    dst = (torch.tensor(row_of)[tok], torch.tensor(start)[tok] + k)
+    out = torch.zeros(3, len(used), width, dtype=torch.long)
+    out[0][dst], out[1][dst], out[2][dst] = seq[src], tgt[src], torch.tensor(segment)[tok]
+    return Packed(*out)
 
 
 @dataclass

@@ -55,7 +55,7 @@ class TrialConfig:
     batch_size: int = 512
     eval_batch_size: int = 1024  # evaluation only; does not change results
     max_tokens_per_step: int = 8192  # micro-batch size in positions; gradients accumulate, results equal the full batch
-    bucketed_batches: bool = False  # True: batches of similar lengths (faster, but fixed batch mates; batches.py)
+    bucketed_batches: bool = False  # True: batches of similar lengths (fixed batch mates on small data; batches.py)
 
     # --- diffusion (authors: T=32, trunc_lin, lambda 1e-3, predict x0, token-level noise)
     diffusion_steps: int = 32

@@ -1,6 +1,8 @@
 """ADRec (KDD 2025) and the SASRec-style encoder it pre-trains with, read top to bottom.
 
 Shapes: B batch, L positions (left-padded, newest item last), D hidden, N items (+1 for padding 0).
+A training row may hold several sequences end to end (batches.pack): `segment` (B, L) numbers
+them within the row (0 = padding), and attention and positions never cross a segment's edge.
 
 ADRec = CAM, a causal Transformer over the history, + ADM, a causal denoiser over the targets:
   c   = CAM(LN(drop(E[seq]) + pos))                         # (B, L, D) history encoding
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,10 +33,22 @@ LN_EPS = 1e-12  # the authors' TF-style LayerNorm epsilon
 
 
 # ---------------------------------------------------------------------------------------------
-# Positions: counted back from the newest item (the last column is position 0)
+# Positions (counted back from each sequence's newest item) and the attention mask
 # ---------------------------------------------------------------------------------------------
-def positions_from_newest(length: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(length - 1, -1, -1, device=device)  # (L,)
+def segment_layout(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask (B, 1, L, L) bool, True = may attend, and positions (B, L) for rows of
+    sequences numbered by `segment` (B, L) (0 = padding; a left-padded row is `seq > 0`).
+
+    A query sees the keys of its own sequence up to itself. A padded query sees only itself, so its
+    softmax row is never empty (its output is ignored). A token's position is the number of tokens
+    after it in its sequence: the newest item is position 0.
+    """
+    l = segment.shape[1]
+    idx = torch.arange(l, device=segment.device)
+    later = idx.unsqueeze(0) > idx.unsqueeze(1)  # (Lq, Lk): key after query
+    same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(1) > 0)  # (B, Lq, Lk)
+    mask = (same & ~later) | torch.eye(l, dtype=torch.bool, device=segment.device)
+    return mask.unsqueeze(1), (same & later).sum(-1)
 
 
 def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -52,7 +67,7 @@ class AbsolutePositions(nn.Module):
         self.kind, self.dim = kind, dim
         self.table = nn.Embedding(max_len, dim) if kind == "learned" else None
 
-    def forward(self, pos: torch.Tensor) -> torch.Tensor | None:  # pos (L,) -> (L, D) or None
+    def forward(self, pos: torch.Tensor) -> torch.Tensor | None:  # pos (B, L) -> (B, L, D) or None
         if self.kind == "learned":
             return self.table(pos)
         if self.kind == "sinusoidal":
@@ -68,66 +83,48 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x (B, H, L, dh), pos (L,)
-        angles = pos.float().unsqueeze(-1) * self.inv_freq  # (L, dh/2)
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x (B, H, L, dh), pos (B, L)
+        angles = (pos.float().unsqueeze(-1) * self.inv_freq).unsqueeze(1)  # (B, 1, L, dh/2)
         cos, sin = angles.cos(), angles.sin()
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
+def sequence_mean(values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean of `values` (B, L) over its tokens."""
+    counts = torch.zeros(segment.shape[0], segment.shape[1] + 1, device=segment.device)
+    counts.scatter_add_(1, segment, torch.ones_like(values))  # (B, 1 + L): tokens per segment id
+    weights = (segment > 0) / counts.gather(1, segment)
+    return (values * weights).sum() / (counts[:, 1:] > 0).sum().clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout with a cheaper mask on CPU
 # ---------------------------------------------------------------------------------------------
-class _MaskedScale(torch.autograd.Function):
-    """y = x * keep / (1 - p) with a given mask; forward and backward are aten's fused kernel."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.ops.aten.native_dropout_backward(x, keep, scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None, None
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bernoulli(1 - p) mask drawn 16 bits per element from int64 draws: on CPU, torch's
-    per-element bernoulli_ costs 3-4x more than the mask is worth (p is exact to 1/65536)."""
+def keep_scale(shape: torch.Size, p: float) -> torch.Tensor:
+    """Float mask of 1 / (1 - p) (kept, probability 1 - p) or 0, from 16 random bits per element
+    (p is exact to 1/65536). On CPU, torch's per-element bernoulli_ costs several times more than
+    the mask is worth; the bits come from numpy's SFC64, seeded from torch's generator so that
+    torch.manual_seed still fixes every mask."""
     n = math.prod(shape)
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return bits.view(torch.int16)[:n].view(shape) >= round(-32768 + p * 65536)
+    seed = int(torch.randint(2**62, (1,)))
+    bits = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16))
+    return torch.where(bits[:n].view(shape) >= round(-32768 + p * 65536), 1.0 / (1.0 - p), 0.0)
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, with the cheaper mask above when training on the CPU (same distribution)."""
+    """nn.Dropout, with the cheaper mask above when training on the CPU (same distribution).
+    Multiplying by a mask that needs no gradient saves only the mask for the backward pass."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
+        return x * keep_scale(x.shape, self.p)
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention and blocks
 # ---------------------------------------------------------------------------------------------
-def attention_mask(key_valid: torch.Tensor, n_queries: int | None = None) -> torch.Tensor:
-    """Causal mask that also hides padded keys: (B, 1, Lq, Lk) bool, True = may attend.
-
-    Queries are the last `n_queries` positions of the key sequence. A padded query may still see
-    itself so its softmax row is never empty (its output is ignored).
-    """
-    b, lk = key_valid.shape
-    lq = lk if n_queries is None else n_queries
-    q_pos = torch.arange(lk - lq, lk, device=key_valid.device).unsqueeze(-1)  # (Lq, 1)
-    k_pos = torch.arange(lk, device=key_valid.device)  # (Lk,)
-    causal = k_pos <= q_pos  # (Lq, Lk)
-    allowed = causal & (key_valid[:, None, :] | (k_pos == q_pos))  # (B, Lq, Lk)
-    return allowed.unsqueeze(1)
-
-
 @dataclass
 class KV:
     """Keys and values of one attention layer for a fixed prefix: (B, H, P, dh) each.
@@ -151,6 +148,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, rotary: Rotary | None = None):
         super().__init__()
         self.heads, self.dropout, self.rotary = heads, dropout, rotary
+        self.attn_drop = Dropout(dropout)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
@@ -172,10 +170,11 @@ class Attention(nn.Module):
         q = self._split(self.q(x))  # (B, H, Lq, dh)
         if self.rotary is not None and pos is not None:
             q = self.rotary(q, pos)
-        if q.shape[2] == 1 and not self.training:
-            # One query per row (the sampler's last token): two small matmuls beat CPU SDPA kernels.
+        if q.device.type == "cpu" and (self.training or q.shape[2] == 1):
+            # SDPA's own math: on CPU its dropout draws a per-element bernoulli_ mask (the cheaper
+            # mask above is 3-4x faster), and for the sampler's single query two matmuls beat it.
             scores = (q @ kv.k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            y = torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1) @ kv.v
+            y = self.attn_drop(torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1)) @ kv.v
         else:
             y = F.scaled_dot_product_attention(
                 q, kv.k, kv.v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
@@ -197,7 +196,7 @@ class Context:
     """What every block of one forward pass shares."""
 
     mask: torch.Tensor  # (B, 1, Lq, Lk) self-attention mask
-    pos_q: torch.Tensor  # (Lq,) positions of the queries (from newest)
+    pos_q: torch.Tensor  # (B, Lq) positions of the queries (from newest)
     memory: torch.Tensor | None = None  # (B, Lm, D) CAM output for cross-attention
     memory_mask: torch.Tensor | None = None  # (B, 1, Lq, Lm)
     cond: torch.Tensor | None = None  # (B, Lq, D) adaLN condition
@@ -371,41 +370,42 @@ class ADRec(nn.Module):
         return self._tensors
 
     # --- the history encoder (CAM) -------------------------------------------------------------
-    def encode(self, seq: torch.Tensor) -> tuple[torch.Tensor, Context]:
-        """c = CAM(LN(drop(E[seq]) + pos)); returns (B, L, D) and the shared attention context."""
-        valid = seq > 0
-        pos = positions_from_newest(seq.shape[1], seq.device)
+    def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
+        """c = CAM(LN(drop(E[seq]) + pos)); returns (B, L, D) and the shared attention context.
+        `segment` numbers packed sequences (default: one left-padded sequence per row)."""
+        mask, pos = segment_layout((seq > 0).long() if segment is None else segment)
         h = self.emb_dropout(self.item_emb(seq))
         pe = self.positions(pos)
         if pe is not None:
             h = h + pe
-        mask = attention_mask(valid)
         ctx = Context(mask=mask, pos_q=pos, memory_mask=mask)
         c, _ = self.cam(self.hist_norm(h), ctx)
         return c, ctx
 
     # --- training ------------------------------------------------------------------------------
-    def sample_timesteps(self, valid: torch.Tensor) -> torch.Tensor:
+    def sample_timesteps(self, segment: torch.Tensor) -> torch.Tensor:
         """t ~ U{0..T-1}: one per token (ADRec) or one per sequence; padding keeps t = 0."""
-        b, l = valid.shape
+        b, l = segment.shape
         if self.cfg.noise_level == "token":
-            t = torch.randint(0, self.steps, (b, l), device=valid.device)
-        else:
-            t = torch.randint(0, self.steps, (b, 1), device=valid.device).expand(b, l)
-        return t * valid
+            t = torch.randint(0, self.steps, (b, l), device=segment.device)
+        else:  # one draw per segment id of each row
+            t = torch.randint(0, self.steps, (b, l + 1), device=segment.device).gather(1, segment)
+        return t * (segment > 0)
 
-    def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CE over all items at every valid position + mse_weight * masked MSE to E[tgt]."""
+    def loss(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE over all items at every valid position + mse_weight * masked MSE to E[tgt].
+        Inputs and targets share their padding; `segment` as in `encode`."""
         valid = tgt > 0  # (B, L)
-        c, ctx = self.encode(seq)
+        segment = valid.long() if segment is None else segment
+        c, ctx = self.encode(seq, segment)
         x0 = self.item_emb(tgt)  # (B, L, D)
-        t = self.sample_timesteps(valid)
+        t = self.sample_timesteps(segment)
         x_t = self.schedule().add_noise(x0, t, torch.randn_like(x0))
         x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
         x0_hat, _ = self.adm(c, x_t, t, ctx)
-        # MSE: per sequence, mean over valid positions; then mean over sequences and dims (authors).
-        weights = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)
-        mse = ((x0_hat - x0) ** 2 * weights.unsqueeze(-1)).sum(1).mean()
+        # MSE: per sequence, mean over its positions and dims; then mean over sequences (authors).
+        mse = sequence_mean(((x0_hat - x0) ** 2).mean(-1), segment)
         ce = linear_cross_entropy(x0_hat[valid], self.item_emb.weight, tgt[valid])  # over N+1 items
         return ce + self.cfg.mse_weight * mse, {"ce": ce, "mse": mse}
 
@@ -453,12 +453,12 @@ class ADRec(nn.Module):
         if l > 1 and self.cfg.denoiser == "transformer":
             # Run the history once at t = 0 and keep every layer's keys and values.
             p = l - 1
-            pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:p],
+            pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:, :p],
                               memory_mask=ctx.memory_mask[:, :, :p, :])
             t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
             _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c, kv_only=True)
             past = [kv.with_room(1) for kv in past]
-        last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[-1:],
+        last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[:, -1:],
                            memory_mask=ctx.memory_mask[:, :, -1:, :])
         c_last = c[:, -1:]
         for i in reversed(range(self.steps)):
@@ -492,15 +492,15 @@ class SASRec(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        pos = positions_from_newest(seq.shape[1], seq.device)
-        ctx = Context(mask=attention_mask(seq > 0), pos_q=pos)
-        h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), ctx)
+    def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
+        mask, pos = segment_layout((seq > 0).long() if segment is None else segment)
+        h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), Context(mask=mask, pos_q=pos))
         return h
 
-    def loss(self, seq: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         valid = tgt > 0
-        ce = linear_cross_entropy(self.encode(seq)[valid], self.item_emb.weight, tgt[valid])
+        ce = linear_cross_entropy(self.encode(seq, segment)[valid], self.item_emb.weight, tgt[valid])
         return ce, {"ce": ce}
 
     @torch.no_grad()

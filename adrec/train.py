@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adrec.batches import EvalSequences, TrainSequences, length_groups, trim
+from adrec.batches import EvalSequences, TrainSequences, pack
 from adrec.config import TrialConfig
 from adrec.data import SplitData, load_dataset
 from adrec.metrics import METRIC_NAMES, RankingMetrics
@@ -198,37 +198,29 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
         offset += n
 
 
-def micro_batches(seq: torch.Tensor, tgt: torch.Tensor, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split a batch into length-sorted row groups of at most `max_tokens` positions and at most half
-    padding, each trimmed to its own longest sequence. The batch itself (and so the optimiser step)
-    is unchanged, only how it is computed."""
-    lengths = (seq > 0).sum(1)
-    order = lengths.argsort(descending=True, stable=True)
-    parts = length_groups(lengths[order].tolist(), len(order), max_tokens, fill=0.5)
-    return [trim(seq[order[p]], tgt[order[p]]) for p in parts]
-
-
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainSequences,
                 epoch_seed: int, device: torch.device, epoch: int | None = None) -> float:
     """One pass over the training sequences; returns the mean loss. Raises Diverged on blow-up.
 
-    Each batch is processed in micro-batches of at most `cfg.max_tokens_per_step` positions whose
-    gradients accumulate into one optimiser step; the parts are weighted so the step equals the
-    full batch's (CE is a mean over positions, MSE a mean over sequences). `epoch_seed` fixes the
+    Each batch is packed (short sequences share a row) and processed in micro-batches of at most
+    `cfg.max_tokens_per_step` positions whose gradients accumulate into one optimiser step; the
+    parts are weighted so the step equals the full batch's (CE is a mean over positions, MSE a
+    mean over sequences). `epoch_seed` fixes the
     batch order; `epoch` only names the epoch in messages."""
     model.train()
     where = epoch if epoch is not None else epoch_seed
     total, count = 0.0, 0
     max_tokens = cfg.max_tokens_per_step if not cfg.pcgrad else 2**62  # PCGrad needs whole-batch task gradients
     for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches):
-        seq, tgt = seq.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+        packed = pack(seq, tgt)
         optimizer.zero_grad(set_to_none=True)
-        n_positions, n_sequences = int((tgt > 0).sum()), seq.shape[0]
+        n_positions, n_sequences = int((packed.tgt > 0).sum()), packed.n_sequences
         batch_loss = 0.0
-        for seq_m, tgt_m in micro_batches(seq, tgt, max_tokens):
-            _, parts = model.loss(seq_m, tgt_m)
-            ce = parts["ce"] * (int((tgt_m > 0).sum()) / n_positions)
-            mse = parts["mse"] * (seq_m.shape[0] / n_sequences) if "mse" in parts else None
+        for part in packed.split(max_tokens):
+            seq_m, tgt_m = part.seq.to(device, non_blocking=True), part.tgt.to(device, non_blocking=True)
+            _, parts = model.loss(seq_m, tgt_m, part.segment.to(device, non_blocking=True))
+            ce = parts["ce"] * (int((part.tgt > 0).sum()) / n_positions)
+            mse = parts["mse"] * (part.n_sequences / n_sequences) if "mse" in parts else None
             loss = ce if mse is None else ce + cfg.mse_weight * mse
             if not torch.isfinite(loss):
                 raise Diverged(f"training loss became {loss.item():.4g} at epoch {where}")

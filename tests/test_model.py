@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adrec.config import TrialConfig
-from adrec.model import ADRec, MostPopular, SASRec, attention_mask, build_model
+from adrec.batches import pack
+from adrec.model import ADRec, MostPopular, SASRec, build_model, segment_layout, sequence_mean
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend with the other test processes
 
@@ -96,7 +97,7 @@ def test_loss_ignores_padded_targets() -> None:
     c, ctx = model.encode(seq)
     valid = tgt > 0
     x0 = model.item_emb(tgt)
-    t = model.sample_timesteps(valid)
+    t = model.sample_timesteps(valid.long())
     x_t = torch.where(valid.unsqueeze(-1), model.schedule().add_noise(x0, t, torch.randn_like(x0)), x0)
     x0_hat, _ = model.adm(c, x_t, t, ctx)
     logits = x0_hat[valid] @ model.item_emb.weight.T
@@ -109,11 +110,26 @@ def test_noise_level_timesteps(level: str, expect_equal: bool) -> None:
     model = make_model(VARIANTS[0], noise_level=level)
     valid = batch(seed=3, b=64, l=12) > 0
     torch.manual_seed(0)
-    t = model.sample_timesteps(valid)
+    t = model.sample_timesteps(valid.long())
     assert t.shape == valid.shape and int(t.min()) >= 0 and int(t.max()) < model.steps
     assert torch.all(t[~valid] == 0)
     full = t[0]  # row 0 has no padding
     assert bool((full == full[0]).all()) is expect_equal
+    # Packed rows: one timestep per sequence, drawn independently for each sequence of a row.
+    segment = torch.tensor([[1] * 6 + [2] * 6 + [3] * 6 + [0] * 2] * 64)
+    t = model.sample_timesteps(segment)
+    assert torch.all(t[:, -2:] == 0)
+    per_sequence = [t[:, i * 6:(i + 1) * 6] for i in range(3)]
+    assert all(bool((p == p[:, :1]).all()) is expect_equal for p in per_sequence)
+    if expect_equal:
+        assert (per_sequence[0][:, 0] != per_sequence[1][:, 0]).any()
+
+
+def test_sequence_mean_weighs_every_sequence_equally() -> None:
+    values = torch.tensor([[0.0, 2.0, 4.0, 10.0, 7.0], [1.0, 1.0, 3.0, 5.0, 9.0]])
+    segment = torch.tensor([[1, 1, 1, 2, 0], [0, 0, 1, 1, 1]])
+    # Sequences: (0, 2, 4) -> 2, (10) -> 10, (3, 5, 9) -> 17/3; padding ignored.
+    torch.testing.assert_close(sequence_mean(values, segment), torch.tensor((2 + 10 + 17 / 3) / 3))
 
 
 # --- causality and padding ----------------------------------------------------------------------
@@ -184,6 +200,31 @@ def test_padding_content_and_amount_do_not_change_valid_outputs(variant) -> None
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_packed_rows_give_every_token_its_unpacked_output(variant) -> None:
+    """Several sequences sharing a row (batches.pack) see only themselves: each token's history
+    encoding and denoiser output equal those of the left-padded batch."""
+    model = make_model(variant, lambda_uncertainty=0.5)
+    seq = batch(seed=11, b=6, l=9)
+    valid = seq > 0
+    x_t, t = _fixed_inputs(seq)
+    c, x0_hat = _adm_outputs(model, seq, x_t, t)
+
+    flat_index = torch.arange(1, seq.numel() + 1).view(seq.shape) * valid  # where each token came from
+    packed = pack(seq, flat_index)
+    assert packed.seq.shape[0] < seq.shape[0]  # short sequences really share rows
+    came_from = packed.tgt[packed.tgt > 0] - 1
+    x_t_packed = torch.zeros(*packed.seq.shape, x_t.shape[-1])
+    t_packed = torch.zeros_like(packed.seq)
+    x_t_packed[packed.tgt > 0] = x_t.reshape(-1, x_t.shape[-1])[came_from]
+    t_packed[packed.tgt > 0] = t.flatten()[came_from]
+    c_p, ctx = model.encode(packed.seq, packed.segment)
+    x0_hat_p, _ = model.adm(c_p, x_t_packed, t_packed, ctx)
+    torch.testing.assert_close(c_p[packed.tgt > 0], c.reshape(-1, c.shape[-1])[came_from], rtol=0, atol=1e-5)
+    torch.testing.assert_close(x0_hat_p[packed.tgt > 0], x0_hat.reshape(-1, c.shape[-1])[came_from],
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 def test_scores_do_not_depend_on_the_batchs_padding(variant) -> None:
     """A user's scores with fixed noise are the same alone or trimmed into a longer batch."""
     model = make_model(variant, lambda_uncertainty=0.5)
@@ -195,14 +236,19 @@ def test_scores_do_not_depend_on_the_batchs_padding(variant) -> None:
     torch.testing.assert_close(alone[:, 1:], together[last:, 1:], rtol=0, atol=1e-4)
 
 
-def test_attention_mask_hides_future_and_padding() -> None:
+def test_segment_layout_hides_future_padding_and_other_sequences() -> None:
     valid = torch.tensor([[False, True, True], [True, True, True]])
-    mask = attention_mask(valid)
+    mask, pos = segment_layout(valid.long())
     assert mask.shape == (2, 1, 3, 3)
     expected_row0 = torch.tensor([[True, False, False], [False, True, False], [False, True, True]])
     assert torch.equal(mask[0, 0], expected_row0)
     assert torch.equal(mask[1, 0], torch.ones(3, 3, dtype=torch.bool).tril())
-    assert torch.equal(attention_mask(valid, n_queries=1)[:, 0, 0], valid)
+    assert pos[0, 1:].tolist() == [1, 0] and pos[1].tolist() == [2, 1, 0]
+    # A packed row: sequences (a, b) and (c, d, e), then padding.
+    mask, pos = segment_layout(torch.tensor([[1, 1, 2, 2, 2, 0]]))
+    allowed = [[0], [0, 1], [2], [2, 3], [2, 3, 4], [5]]
+    assert [row.nonzero().flatten().tolist() for row in mask[0, 0]] == allowed
+    assert pos[0, :5].tolist() == [1, 0, 2, 1, 0]
 
 
 # --- the cached sampler -------------------------------------------------------------------------
@@ -297,3 +343,21 @@ def test_rotary_attention_logits_depend_only_on_relative_position() -> None:
     assert logit(12, 10) == pytest.approx(logit(2, 0), abs=1e-5)
     assert abs(logit(7, 3) - logit(3, 3)) > 1e-3  # the offset matters
     torch.testing.assert_close(rot(q, torch.tensor([5])).norm(), q.norm())  # a rotation
+
+
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_is_seeded() -> None:
+    from adrec.model import Dropout
+
+    drop = Dropout(0.3).train()
+    x = torch.ones(200, 500, requires_grad=True)
+    torch.manual_seed(4)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 100k draws: sd 0.0014
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # the gradient passes where the value did, scaled alike
+    torch.manual_seed(4)
+    assert torch.equal(drop(x), y)  # torch.manual_seed fixes the mask
+    assert not torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)

@@ -337,24 +337,23 @@ def test_micro_batches_give_the_full_batch_step(max_tokens):
     assert (full_params - micro_params).abs().max().item() < 1e-4
 
 
-def test_micro_batches_cover_each_row_once_with_at_most_half_padding() -> None:
-    """Length-sorted micro-batches: every row of the batch exactly once, its tokens untouched, each
-    group within the token cap and at most half padding (baby-like lengths: many short, few long)."""
-    from adrec.batches import left_pad
-    from adrec.train import micro_batches
+def test_packed_rows_give_the_unpacked_loss() -> None:
+    """SASRec (deterministic without dropout): the CE of a packed batch is the left-padded one's."""
+    from adrec.batches import pack
+    from adrec.data import load_dataset
+    from adrec.model import SASRec
+    from adrec.train import Splits
 
-    gen = torch.Generator().manual_seed(0)
-    lengths = [int(x) for x in (torch.randint(2, 9, (300,), generator=gen))] + [50] * 5 + [20] * 20
-    rows = [[1 + (7 * r + j) % 97 for j in range(n)] for r, n in enumerate(lengths)]
-    seq, tgt = left_pad(rows, 50), left_pad([[x + 1 for x in r] for r in rows], 50)
-    parts = micro_batches(seq, tgt, max_tokens=1000)
-    got = sorted(tuple(int(x) for x in r[r > 0]) for s, _ in parts for r in s)
-    assert got == sorted(tuple(r) for r in rows)
-    for s, t in parts:
-        assert s.numel() <= 1000 or s.shape[0] == 1
-        assert (s > 0).sum() * 2 >= s.numel(), s.shape
-        assert torch.equal((s > 0), (t > 0))
-    assert len(parts) < 12  # a handful of groups, not one per row
+    data = load_dataset("ml-100k", max_users=60)
+    seq, tgt = next(Splits.build(data, 50).train.batches(60, seed=0, epoch=1))
+    keep = torch.arange(50) >= 50 - (2 + torch.arange(60) % 9).unsqueeze(1)  # 2-10 newest items per row
+    seq, tgt = seq[:, -50:] * keep, tgt[:, -50:] * keep  # short sequences, so that several share a row
+    cfg = TrialConfig(hidden_size=16, dropout=0.0, emb_dropout=0.0)
+    torch.manual_seed(0)
+    model = SASRec(cfg, data.num_items)
+    packed = pack(seq, tgt)
+    assert packed.seq.shape[0] < seq.shape[0]
+    torch.testing.assert_close(model.loss(packed.seq, packed.tgt, packed.segment)[0], model.loss(seq, tgt)[0])
 
 
 def test_flush_denormals_zeroes_subnormal_floats_on_cpu() -> None:
