@@ -30,7 +30,7 @@ from sweeps.progress import SweepProgress, best_table
 from sweeps.searchers import (RUNTIME_FILE, JobSearcher, PerDatasetASHA, StudySearcher, journal_storage,
                               reconcile_studies)
 from sweeps.table import TABLE_FILE, build_rows, quiet_analysis, versions, write_table
-from sweeps.trainable import FAULT_ENV, METRIC, MODE, TrialContext, run_trial
+from sweeps.trainable import FAULT_ENV, FINISHED, METRIC, MODE, TrialContext, run_trial
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,7 +157,7 @@ class Driver:
             known_jobs = {info["job"] for info in known.values()}
             pending = [j for j in jobs if j["job"] not in known_jobs]
             write_json(self.dir / f"{phase}_jobs.json", {"jobs": jobs, "pending": pending})
-            if restoring and not pending and all(i["status"] in ("TERMINATED", "ERROR") for i in known.values()):
+            if restoring and not pending and all(i["status"] in FINISHED for i in known.values()):
                 return True
             searcher, scheduler = JobSearcher(str(self.dir / f"{phase}_jobs.json"), str(self.dir)), FIFOScheduler()
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=self.ctx),
@@ -215,7 +215,7 @@ class Driver:
     def phase_done(self, phase: str) -> bool:
         exp = self.dir / phase
         known = known_trials(exp)
-        if any(i["status"] not in ("TERMINATED", "ERROR") for i in known.values()):
+        if any(i["status"] not in FINISHED for i in known.values()):
             return False
         if phase == "optimize":
             reconcile_studies(str(self.dir / JOURNAL), self.study_names, known)
@@ -224,7 +224,7 @@ class Driver:
         return jobs <= {i["job"] for i in known.values()}
 
     def optimize_done(self, known: dict[str, dict]) -> bool:
-        if any(i["status"] not in ("TERMINATED", "ERROR") for i in known.values()):
+        if any(i["status"] not in FINISHED for i in known.values()):
             return False
         storage = journal_storage(str(self.dir / JOURNAL))
         for name in self.study_names.values():

@@ -265,19 +265,27 @@ def node_shapes(autoscaler_config: str | Path | None = None) -> list[tuple[str, 
     return shapes
 
 
+def resource_request_error(gpus_per_trial: float, cpus_per_trial: float) -> str | None:
+    """Why Ray cannot place trials asking for these resources (None if it can); needs no cluster."""
+    if gpus_per_trial < 0 or cpus_per_trial < 0:
+        return (f"--gpus-per-trial={gpus_per_trial:g}, --cpus-per-trial={cpus_per_trial:g}: resources cannot be "
+                f"negative; use e.g. --gpus-per-trial 0.5 --cpus-per-trial 1")
+    if gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial):
+        return (f"--gpus-per-trial={gpus_per_trial:g}: Ray accepts a fraction up to 1 or a whole number of GPUs; "
+                f"use e.g. 0.5 (two trials per GPU), 1 or 2")
+    if gpus_per_trial == 0 and cpus_per_trial == 0:
+        return ("--gpus-per-trial=0 and --cpus-per-trial=0: a trial asking for nothing is placed anywhere "
+                "(the head included) without limit; ask for at least one CPU or a GPU fraction")
+    return None
+
+
 def check_gpu_request(gpus_per_trial: float, cpus_per_trial: float,
                       autoscaler_config: str | Path | None = None) -> None:
     """Some live node, or some node type the autoscaler can add, offers `gpus_per_trial` GPUs and
     `cpus_per_trial` CPUs at once; otherwise every trial would stay pending forever."""
-    if gpus_per_trial < 0 or cpus_per_trial < 0:
-        raise ValueError(f"--gpus-per-trial={gpus_per_trial:g}, --cpus-per-trial={cpus_per_trial:g}: resources "
-                         f"cannot be negative; use e.g. --gpus-per-trial 0.5 --cpus-per-trial 1")
-    if gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial):
-        raise ValueError(f"--gpus-per-trial={gpus_per_trial:g}: Ray accepts a fraction up to 1 or a whole number "
-                         f"of GPUs; use e.g. 0.5 (two trials per GPU), 1 or 2")
-    if gpus_per_trial == 0 and cpus_per_trial == 0:
-        raise ValueError("--gpus-per-trial=0 and --cpus-per-trial=0: a trial asking for nothing is placed anywhere "
-                         "(the head included) without limit; ask for at least one CPU or a GPU fraction")
+    error = resource_request_error(gpus_per_trial, cpus_per_trial)
+    if error:
+        raise ValueError(error)
     shapes = node_shapes(autoscaler_config)
     if any(gpu >= gpus_per_trial and cpu >= cpus_per_trial for _, cpu, gpu in shapes):
         return

@@ -106,11 +106,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
             counts[key] = value
     if args.max_users < 0:
         raise SweepError(f"--max-users={args.max_users} must be >= 0 (0 = all users)")
-    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
-        raise SweepError(f"--cpus-per-trial={args.cpus_per_trial} must be > 0 and --gpus-per-trial="
-                         f"{args.gpus_per_trial} >= 0")
-    if args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial):
-        raise SweepError(f"--gpus-per-trial={args.gpus_per_trial}: above 1 GPU it must be a whole number")
+    error = preflight.resource_request_error(args.gpus_per_trial, args.cpus_per_trial)
+    if error:
+        raise SweepError(error)
     plan = Plan(name=args.name or space.name, space=space, datasets=tuple(datasets), baselines=space.baselines,
                 metric=parse_metric(args.metric), seed=args.seed, max_users=args.max_users, data_dir=data_dir,
                 **counts)

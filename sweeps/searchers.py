@@ -26,6 +26,7 @@ from ray.tune.search import Searcher
 
 from adrec.config import TrialConfig
 from sweeps.spaces import Space
+from sweeps.trainable import FINISHED
 
 log = logging.getLogger("sweeps.searchers")
 RUNTIME_FILE = "runtime.json"  # settings of the current driver run, read lazily by pickled objects
@@ -279,7 +280,7 @@ def reconcile_studies(journal: str, study_names: Mapping[str, str], known: Mappi
             if info is None:
                 optuna.trial.Trial(study, t._trial_id).set_user_attr("orphan", True)
                 counts["orphaned"] += 1
-            elif info["status"] in ("TERMINATED", "ERROR"):
+            elif info["status"] in FINISHED:
                 tell(study, t, outcome(info.get("last_result"), info["status"] == "ERROR"), info.get("last_result"))
                 counts["told"] += 1
             else:

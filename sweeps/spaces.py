@@ -25,7 +25,7 @@ import random
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -127,13 +127,18 @@ class Space:
     def base_values(self) -> dict[str, Any]:
         return {**TrialConfig().to_dict(), **self.fixed}
 
+    def assign(self, pick: Callable[[int, Param], Any]) -> dict[str, Any]:
+        """{field: value} of the params active under the values picked so far, in order;
+        `pick(i, param)` gives the value of the i-th param."""
+        values, chosen = self.base_values(), {}
+        for i, p in enumerate(self.params):
+            if p.active(values):
+                values[p.field] = chosen[p.field] = pick(i, p)
+        return chosen
+
     def sample(self, trial: Any) -> dict[str, Any]:
         """Define-by-run suggestion on an Optuna trial: {field: value} of the active params."""
-        values, chosen = self.base_values(), {}
-        for p in self.params:
-            if p.active(values):
-                values[p.field] = chosen[p.field] = p.suggest(trial)
-        return chosen
+        return self.assign(lambda _, p: p.suggest(trial))
 
     def space_filling(self, n: int, seed: int) -> list[dict[str, Any]]:
         """`n` configs from a seeded Latin hypercube over the params ({field: value} each).
@@ -151,14 +156,7 @@ class Space:
         except TypeError:  # scipy < 1.15 names it `seed`
             sampler = qmc.LatinHypercube(d=len(self.params), seed=rng)
         units = sampler.random(n) if n else np.zeros((0, len(self.params)))
-        out = []
-        for row in units:
-            values, chosen = self.base_values(), {}
-            for p, u in zip(self.params, row):
-                if p.active(values):
-                    values[p.field] = chosen[p.field] = p.from_unit(float(u))
-            out.append(chosen)
-        return out
+        return [self.assign(lambda i, p: p.from_unit(float(row[i]))) for row in units]
 
     def max_value(self, name: str) -> Any:
         """Largest value a field takes in this space (fixed value or default when not searched)."""
@@ -310,12 +308,8 @@ def _corners(space: Space) -> typing.Iterator[dict[str, Any]]:
         return
     rng = random.Random(0)
     for _ in range(_MAX_VALIDATION_CONFIGS):
-        values, chosen = space.base_values(), {}
-        for p in space.params:
-            if p.active(values):
-                v = rng.choice(p.choices) if p.kind == "categorical" else p.ends()[rng.randrange(2)]
-                values[p.field] = chosen[p.field] = v
-        yield chosen
+        yield space.assign(lambda _, p: rng.choice(p.choices) if p.kind == "categorical"
+                           else p.ends()[rng.randrange(2)])
 
 
 def _branches(space: Space) -> typing.Iterator[tuple[dict[str, Any], list[Param]]]:

@@ -22,7 +22,7 @@ import pandas as pd
 from adrec.config import TrialConfig, field_names
 from adrec.metrics import METRIC_NAMES
 from sweeps.searchers import outcome
-from sweeps.trainable import FIT_RESULT, META_KEYS
+from sweeps.trainable import FINISHED, FIT_RESULT, META_KEYS
 
 log = logging.getLogger("sweeps.table")
 
@@ -59,7 +59,7 @@ def trial_row(*, sweep: str, trial_id: str, config: Mapping[str, Any], ray_statu
     A pruned trial has no fit result: its validation metrics are those of its best reported
     evaluation (at the lower budget it reached) and its test metrics are missing.
     """
-    if ray_status not in ("TERMINATED", "ERROR"):
+    if ray_status not in FINISHED:
         return None
     last = history.iloc[-1].to_dict() if history is not None and len(history) else {}
     status = outcome(last, ray_status == "ERROR") if fit_result is None else str(fit_result.get("status"))

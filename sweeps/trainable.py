@@ -30,6 +30,7 @@ REPORT_FILE = "report.json"  # the metrics of the evaluation a checkpoint belong
 FAULT_ENV = "ADREC_FAULT_ONCE"  # test hook: a marker folder; each trial raises once after its first checkpoint
 METRIC = "objective"  # what schedulers and searchers read: best-so-far validation value, maximised
 MODE = "max"
+FINISHED = ("TERMINATED", "ERROR")  # Ray trial states after which a trial never runs again
 assert not set(META_KEYS) & set(field_names()), "a META key shadows a TrialConfig field"
 
 

@@ -144,7 +144,10 @@ def test_dry_run_prints_counts_per_phase(tmp_path, capsys):
     (["--space", "smoke", "--storage", "{file}/sub"], "is not writable"),
     (["--space", "{bad_yaml}"], "unknown knob 'lambda'"),
     (["--space", "smoke", "--resume", "--name", "never-ran"], "there is no sweep"),
-], ids=["space", "dataset", "test-metric", "metric", "address", "storage", "space-file", "resume-nothing"])
+    (["--space", "smoke", "--gpus-per-trial", "1.5"], "Ray accepts a fraction up to 1 or a whole number"),
+    (["--space", "smoke", "--gpus-per-trial", "0", "--cpus-per-trial", "0"], "a trial asking for nothing"),
+], ids=["space", "dataset", "test-metric", "metric", "address", "storage", "space-file", "resume-nothing",
+        "gpu-fraction", "no-resources"])
 def test_bad_input_fails_fast(tmp_path, capsys, argv, match):
     (tmp_path / "file").write_text("not a folder")
     bad = tmp_path / "bad.yaml"
