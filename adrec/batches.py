@@ -12,6 +12,7 @@ a generator seeded by (seed, epoch), so a resumed run sees the same batches as a
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -72,26 +73,29 @@ class Packed:
         return [Packed(s, t, g) for s, t, g in zip(self.seq.split(rows), self.tgt.split(rows), self.segment.split(rows))]
 
 
-def first_fit(lengths: Sequence[int], width: int) -> list[int]:
-    """Row of each length under first-fit decreasing packing into rows of `width` slots."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    free: list[int] = []
-    row_of = [0] * len(lengths)
-    for i in order:
-        row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
-        if row == len(free):
-            free.append(width)
-        free[row] -= lengths[i]
+def best_fit(lengths: Sequence[int], width: int) -> list[int]:
+    """Row of each length under best-fit decreasing packing into rows of `width` slots: longest
+    first, each into the row with the least room that still fits it (a sorted list of rooms)."""
+    rooms: list[tuple[int, int]] = []  # (room left, row), ascending; full rows leave the list
+    row_of, n_rows = [0] * len(lengths), 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(rooms, (lengths[i], -1))
+        if k < len(rooms):
+            room, row = rooms.pop(k)
+        else:
+            room, row, n_rows = width, n_rows, n_rows + 1
+        if room > lengths[i]:
+            bisect.insort(rooms, (room - lengths[i], row))
         row_of[i] = row
     return row_of
 
 
 def pack(seq: torch.Tensor, tgt: torch.Tensor) -> Packed:
     """Pack the left-padded rows of a batch (inputs and targets share their padding) end to end
-    into rows as wide as the longest sequence, first-fit decreasing."""
+    into rows as wide as the longest sequence, best-fit decreasing."""
     lengths = (seq > 0).sum(1).tolist()
     width = max(lengths + [1])
-    row_of = first_fit(lengths, width)
+    row_of = best_fit(lengths, width)
     used, count = [0] * (max(row_of) + 1), [0] * (max(row_of) + 1)
     start, segment = [], []
     for n, r in zip(lengths, row_of):  # within a row, sequences keep their batch order

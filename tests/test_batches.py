@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from adrec.batches import EvalSequences, first_fit, left_pad, length_groups, pack
+from adrec.batches import EvalSequences, best_fit, left_pad, length_groups, pack
 
 
 def test_length_groups_respect_rows_tokens_and_fill() -> None:
@@ -29,9 +29,14 @@ def test_eval_batches_hold_every_user_once_with_little_padding() -> None:
     assert seen == {t: h for t, h in zip(targets, histories)}
 
 
-def test_first_fit_decreasing_fills_rows_in_order() -> None:
-    # Longest first, each into the first row with room: 5 -> 0; 4 -> 1; 3 -> 2; 2 -> 2; 1 -> 1.
-    assert first_fit([3, 5, 2, 4, 1], width=5) == [2, 0, 2, 1, 1]
+def test_best_fit_decreasing_puts_each_length_where_it_fits_tightest() -> None:
+    # Longest first, each into the row with the least room that fits it:
+    # 5 -> new row 0; 4 -> new row 1 (room 1); 3 -> new row 2 (room 2); 2 -> row 2; 1 -> row 1.
+    assert best_fit([3, 5, 2, 4, 1], width=5) == [2, 0, 2, 1, 1]
+    # 6 -> row 0 (room 4); 5 -> row 1 (room 5); 4 -> row 0 (tightest fit, room 0); 3 -> row 1.
+    assert best_fit([6, 5, 4, 3], width=10) == [0, 1, 0, 1]
+    rows = best_fit([7, 3, 3, 3, 1, 1, 1, 1], width=10)
+    assert max(rows) == 1  # 20 slots of items in two rows of 10
 
 
 def test_pack_holds_every_sequence_once_in_order_with_little_padding() -> None:
