@@ -7,8 +7,8 @@ sequences, and each attends only to itself), so a dataset where 88% of the 50 sl
 does not pay for them while each step still sees a random batch. `bucketed=True` instead draws
 batches from length buckets (shuffle, sort within chunks of a few batches, shuffle the batches):
 on a small dataset the same users then share a batch every epoch and short sequences weigh more
-in the batch mean. The epoch's order comes from
-a generator seeded by (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+in the batch mean. The epoch's order comes from a generator seeded by (seed, epoch), so a resumed
+run sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 

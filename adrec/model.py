@@ -33,8 +33,14 @@ LN_EPS = 1e-12  # the authors' TF-style LayerNorm epsilon
 
 
 # ---------------------------------------------------------------------------------------------
-# Positions (counted back from each sequence's newest item) and the attention mask
+# Segments: which sequence each slot holds, its position (counted back from that sequence's
+# newest item), the attention mask, and means per sequence
 # ---------------------------------------------------------------------------------------------
+def segments(seq: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
+    """`segment` when the rows are packed, else one left-padded sequence per row: `seq > 0`."""
+    return (seq > 0).long() if segment is None else segment
+
+
 def segment_layout(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mask (B, 1, L, L) bool, True = may attend, and positions (B, L) for rows of
     sequences numbered by `segment` (B, L) (0 = padding; a left-padded row is `seq > 0`).
@@ -373,7 +379,7 @@ class ADRec(nn.Module):
     def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
         """c = CAM(LN(drop(E[seq]) + pos)); returns (B, L, D) and the shared attention context.
         `segment` numbers packed sequences (default: one left-padded sequence per row)."""
-        mask, pos = segment_layout((seq > 0).long() if segment is None else segment)
+        mask, pos = segment_layout(segments(seq, segment))
         h = self.emb_dropout(self.item_emb(seq))
         pe = self.positions(pos)
         if pe is not None:
@@ -397,7 +403,7 @@ class ADRec(nn.Module):
         """CE over all items at every valid position + mse_weight * masked MSE to E[tgt].
         Inputs and targets share their padding; `segment` as in `encode`."""
         valid = tgt > 0  # (B, L)
-        segment = valid.long() if segment is None else segment
+        segment = segments(tgt, segment)
         c, ctx = self.encode(seq, segment)
         x0 = self.item_emb(tgt)  # (B, L, D)
         t = self.sample_timesteps(segment)
@@ -493,7 +499,7 @@ class SASRec(nn.Module):
             nn.init.zeros_(module.bias)
 
     def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
-        mask, pos = segment_layout((seq > 0).long() if segment is None else segment)
+        mask, pos = segment_layout(segments(seq, segment))
         h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), Context(mask=mask, pos_q=pos))
         return h
 

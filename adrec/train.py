@@ -205,8 +205,8 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
     Each batch is packed (short sequences share a row) and processed in micro-batches of at most
     `cfg.max_tokens_per_step` positions whose gradients accumulate into one optimiser step; the
     parts are weighted so the step equals the full batch's (CE is a mean over positions, MSE a
-    mean over sequences). `epoch_seed` fixes the
-    batch order; `epoch` only names the epoch in messages."""
+    mean over sequences). `epoch_seed` fixes the batch order; `epoch` only names the epoch in
+    messages."""
     model.train()
     where = epoch if epoch is not None else epoch_seed
     total, count = 0.0, 0
