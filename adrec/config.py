@@ -1,9 +1,15 @@
-"""Every design choice of an ADRec trial as one frozen, validated dataclass.
+"""Every design choice of an ADRec trial as one frozen, validated dataclass, and the knob vocabulary.
 
 `TrialConfig` is the single source of truth for the knobs: the trainer reads it, the sweep spaces
 suggest values for its fields, the trial table has one column per field with the same name and the
 report prints the same names. Defaults are the authors' values (official code, `src/config.yaml`
 and `src/trainer.py` of Nemo-1024/ADRec); the reason for each is beside it.
+
+A field declared with `knob(...)` is a design knob and carries its metadata next to it: the paper's
+name, a one-line meaning, the range a sweep may search (with its scale) and when the knob is active
+(`lambda_uncertainty` only matters with `aggregation='linear'`). `KNOBS` collects them; spaces,
+validation, the trial table, the analysis, TensorBoard HParams, HiPlot and `python -m adrec knobs`
+all read it. Fields without `knob(...)` say where or how a trial runs, not what it is.
 """
 from __future__ import annotations
 
@@ -27,11 +33,48 @@ Metric = Literal["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 Device = Literal["auto", "cpu", "cuda"]
 
 METRICS: tuple[str, ...] = get_args(Metric)
+KnobKind = Literal["categorical", "bool", "int", "float"]
+Scale = Literal["categorical", "linear", "log"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One design knob: what the paper calls it, its values, and when it does anything."""
+
+    name: str  # the TrialConfig field (and trial-table column)
+    paper: str  # the name or symbol the paper and the authors' code use
+    help: str
+    kind: KnobKind
+    scale: Scale  # how a sweep samples it and the analysis bins and plots it
+    default: Any  # the authors' value
+    low: float | None = None  # the range a sweep may search (numbers only)
+    high: float | None = None
+    choices: tuple[Any, ...] = ()  # categorical and bool knobs
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # active only where every field has one of its values
+
+    def is_active(self, values: Mapping[str, Any]) -> bool:
+        """Does this knob change anything in a trial with these field values (defaults where missing)?"""
+        return all(values.get(f, getattr(_DEFAULTS, f)) in allowed for f, allowed in self.when)
+
+    def describe_when(self) -> str:
+        """'aggregation=linear', or 'always'."""
+        parts = [f"{f}={'|'.join(map(str, allowed))}" for f, allowed in self.when]
+        return " and ".join(parts) or "always"
+
+
+def knob(default: Any, paper: str, help: str, *, low: float | None = None, high: float | None = None,
+         scale: Literal["linear", "log"] = "linear",
+         when: Mapping[str, tuple[Any, ...]] | None = None) -> Any:
+    """A TrialConfig field that is a design knob (its metadata rides on the dataclass field)."""
+    spec = {"paper": paper, "help": help, "low": low, "high": high, "scale": scale,
+            "when": tuple((f, tuple(v)) for f, v in (when or {}).items())}
+    return dataclasses.field(default=default, metadata={"knob": spec})
+
 
 
 @dataclass(frozen=True)
 class TrialConfig:
-    # --- what to train on
+    # --- what to train on (setup, not knobs: the sweep sets these per trial)
     dataset: str = "ml-100k"  # a registry name, or a path to a file in one of the two formats
     data_dir: str | None = None  # resolved by adrec.data when None (see README, "Where data is found")
     max_users: int = 0  # keep only the first N users (0 = all); tests and smoke sweeps use slices
@@ -40,45 +83,63 @@ class TrialConfig:
     device: Device = "auto"
 
     # --- encoder sizes (authors: hidden 128, 2 CAM + 2 ADM blocks, 4 heads, max length 50)
-    hidden_size: int = 128
-    cam_blocks: int = 2
-    adm_blocks: int = 2
-    heads: int = 4
-    max_len: int = 50
-    dropout: float = 0.1
-    emb_dropout: float = 0.3
+    hidden_size: int = knob(128, "d (hidden size)", "embedding and model width", low=32, high=256, scale="log")
+    cam_blocks: int = knob(2, "CAM blocks", "Transformer blocks of the causal attention module", low=1, high=4)
+    adm_blocks: int = knob(2, "ADM blocks", "Transformer blocks of the diffusion denoiser", low=1, high=4,
+                           when={"denoiser": ("transformer",)})
+    heads: int = knob(4, "attention heads", "heads per attention layer (must divide d)", low=1, high=8)
+    max_len: int = knob(50, "L (max sequence length)", "history length kept per user", low=10, high=200,
+                        scale="log")
+    dropout: float = knob(0.1, "dropout", "dropout in attention, FFN and residual branches", low=0.0, high=0.5)
+    emb_dropout: float = knob(0.3, "embedding dropout", "dropout on the item embeddings", low=0.0, high=0.5)
 
     # --- optimisation (authors: Adam 1e-3, weight decay 1e-5, cosine over 500 epochs, batch 512)
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    cosine_t_max: int = 500
-    batch_size: int = 512
+    lr: float = knob(1e-3, "learning rate", "Adam learning rate", low=1e-4, high=1e-2, scale="log")
+    weight_decay: float = knob(1e-5, "weight decay", "Adam's L2 weight decay", low=1e-6, high=1e-3, scale="log")
+    cosine_t_max: int = knob(500, "cosine T_max", "epochs of the cosine learning-rate schedule", low=100,
+                             high=1000)
+    batch_size: int = knob(512, "batch size", "users per training batch", low=64, high=2048, scale="log")
     eval_batch_size: int = 1024  # evaluation only; does not change results
     max_tokens_per_step: int = 8192  # micro-batch size in positions; gradients accumulate, results equal the full batch
-    bucketed_batches: bool = False  # True: batches of similar lengths (fixed batch mates on small data; batches.py)
+    bucketed_batches: bool = knob(False, "bucketed batches",
+                                  "batches of similar lengths instead of plain shuffles (batches.py)")
 
     # --- diffusion (authors: T=32, trunc_lin, lambda 1e-3, predict x0, token-level noise)
-    diffusion_steps: int = 32
-    noise_schedule: NoiseScheduleName = "trunc_lin"
-    beta_a: float = 0.3  # only for noise_schedule='beta' (authors' beta_a)
-    beta_b: float = 10.0  # only for noise_schedule='beta' (authors' beta_b)
-    lambda_uncertainty: float = 1e-3  # weight of (x_t + t_emb) in the linear aggregation
-    noise_level: NoiseLevel = "token"  # independent t per token (ADRec) or one t per sequence
-    denoiser: Denoiser = "transformer"
-    aggregation: Aggregation = "linear"
-    positional_encoding: PositionalEncoding = "none"
-    mse_weight: float = 1.0  # authors' loss_scale
-    pcgrad: bool = False
+    diffusion_steps: int = knob(32, "T (diffusion steps)", "steps of the noise schedule", low=24, high=200,
+                                scale="log")  # below ~20 the 1000/T-scaled linear schedules leave (0, 1]
+    noise_schedule: NoiseScheduleName = knob("trunc_lin", "noise schedule", "how beta_t grows with t")
+    beta_a: float = knob(0.3, "a of Beta(a, b)", "shape a of the beta schedule", low=0.2, high=5.0, scale="log",
+                         when={"noise_schedule": ("beta",)})
+    beta_b: float = knob(10.0, "b of Beta(a, b)", "shape b of the beta schedule", low=0.5, high=20.0, scale="log",
+                         when={"noise_schedule": ("beta",)})
+    lambda_uncertainty: float = knob(1e-3, "λ (uncertainty weight)", "weight of (x_t + t_emb) in the linear "
+                                     "aggregation c + λ(x_t + t_emb)", low=1e-4, high=1.0, scale="log",
+                                     when={"aggregation": ("linear",)})
+    noise_level: NoiseLevel = knob("token", "noise level", "independent t per token (ADRec) or one t per "
+                                   "sequence")
+    denoiser: Denoiser = knob("transformer", "ADM denoiser", "Transformer blocks or an MLP")
+    aggregation: Aggregation = knob("linear", "aggregation", "how the history c meets the noisy target x_t")
+    positional_encoding: PositionalEncoding = knob("none", "positional encoding", "positions counted back from "
+                                                   "the newest item, in CAM and ADM (never stage 1)")
+    mse_weight: float = knob(1.0, "loss_scale (MSE weight)", "weight of the diffusion MSE against the CE",
+                             low=0.1, high=10.0, scale="log")
+    pcgrad: bool = knob(False, "PCGrad", "project conflicting CE/MSE gradients (Yu et al. 2020)")
 
     # --- stages (authors: pre-train to early stop, 5 warm-up epochs frozen, 500 epochs in all)
-    stage_plan: StagePlan = "three_stage"
-    stage1_epochs: int = 200  # maximum; stage 1 stops early by its own patience
-    stage2_epochs: int = 5  # warm-up with the item embeddings frozen
-    stage3_epochs: int = 495  # maximum joint epochs; with stage 2 the authors' 500
-    eval_every: int = 5
-    patience: int = 4  # evaluations without improvement before stopping
-    selection: Selection = "metric"  # best model by select_metric, or the authors' "any metric improved"
-    select_metric: Metric = "NDCG@20"
+    stage_plan: StagePlan = knob("three_stage", "stage plan", "which of the three training stages run, at a "
+                                 "fixed total epoch budget")
+    stage1_epochs: int = knob(200, "stage-1 epochs", "maximum epochs of CE pre-training (stops early by "
+                              "patience)", low=20, high=200, scale="log",
+                              when={"stage_plan": ("three_stage", "no_warmup")})
+    stage2_epochs: int = knob(5, "stage-2 epochs", "warm-up epochs with the item embeddings frozen", low=1,
+                              high=20, when={"stage_plan": ("three_stage",)})
+    stage3_epochs: int = knob(495, "stage-3 epochs", "maximum joint CE + MSE epochs; with stage 2 the "
+                              "authors' 500", low=10, high=495, scale="log")
+    eval_every: int = knob(5, "evaluation interval", "trained epochs between validation passes", low=1, high=10)
+    patience: int = knob(4, "patience", "evaluations without improvement before stopping", low=1, high=10)
+    selection: Selection = knob("metric", "model selection", "best model by select_metric, or the authors' "
+                                "'any of the six metrics improved'")
+    select_metric: Metric = "NDCG@20"  # set by the sweep's --metric
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -121,6 +182,36 @@ class TrialConfig:
         if self.stage_plan == "no_pretrain":
             return (0, 0, s1 + s2 + s3)
         return (s1, s2, s3)
+
+
+_DEFAULTS = TrialConfig.__new__(TrialConfig)  # defaults without validation (is_active reads them)
+for _f in fields(TrialConfig):
+    object.__setattr__(_DEFAULTS, _f.name, _f.default)
+
+
+def _collect_knobs() -> dict[str, Knob]:
+    hints = typing.get_type_hints(TrialConfig)
+    knobs = {}
+    for f in fields(TrialConfig):
+        if "knob" not in f.metadata:
+            continue
+        spec, hint = dict(f.metadata["knob"]), hints[f.name]
+        if get_origin(hint) is Literal:
+            kind, choices, spec["scale"] = "categorical", get_args(hint), "categorical"
+        elif hint is bool:
+            kind, choices, spec["scale"] = "bool", (False, True), "categorical"
+        else:
+            kind, choices = ("int" if hint is int else "float"), ()
+        knobs[f.name] = Knob(name=f.name, kind=kind, default=f.default, choices=choices, **spec)
+    return knobs
+
+
+KNOBS: dict[str, Knob] = _collect_knobs()
+
+
+def active_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's values with every knob that is inactive in it set to None (a trial-table row)."""
+    return {k: (None if k in KNOBS and not KNOBS[k].is_active(values) else v) for k, v in values.items()}
 
 
 @functools.lru_cache(maxsize=None)

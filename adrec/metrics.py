@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
-KS = (5, 10, 20)
-METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS)
+from adrec.config import METRICS
+
+METRIC_NAMES = METRICS  # the one list of metric names lives in adrec.config (a Literal field's choices)
+KS = tuple(sorted({int(m.split("@")[1]) for m in METRICS}))
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,21 +11,17 @@ Phases, in order:
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from adrec.config import METRICS, TrialConfig
-from sweeps.searchers import dataset_key
+from adrec.record import PHASES, dataset_key, split_config, write_json
 from sweeps.spaces import Space, parse_space
-from sweeps.trainable import split_config
 
-PHASES = ("paired", "optimize", "confirm", "baseline")
 CONFIRM_SEED_OFFSET = 1000  # confirm seeds start here above --seed: never a seed the search used
 # Interactions per registry dataset (shared/datasets/README.md), for the --dry-run cost estimate.
 INTERACTIONS = {"ml-100k": 54_413, "baby": 92_823, "beauty": 94_148, "sports": 185_718, "toys": 95_420,
@@ -66,7 +62,6 @@ class Plan:
     seed: int
     max_users: int
     data_dir: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         """What identifies the sweep: saved in sweep.json; a re-run must match it to resume."""
@@ -116,6 +111,7 @@ class Plan:
             for cid in ranked.index[: self.confirm_top]:
                 row = done[done["config_id"] == cid].iloc[0]
                 values = {f: _plain(row[f]) for f in fields if f in row.index}
+                values = {f: v for f, v in values.items() if v is not None}  # inactive knobs are null
                 for r in range(self.repeats):
                     seed = self.seed + CONFIRM_SEED_OFFSET + r
                     jobs.append(self._job("confirm", ds, str(cid), {**values, "seed": seed}))
@@ -175,7 +171,4 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+__all__ = ["PHASES", "Plan", "SweepError", "dataset_key", "full_config", "parse_metric", "write_json"]

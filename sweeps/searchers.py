@@ -25,8 +25,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from adrec.config import TrialConfig
+from adrec.record import FINISHED, dataset_key, outcome
 from sweeps.spaces import Space
-from sweeps.trainable import FINISHED
 
 log = logging.getLogger("sweeps.searchers")
 RUNTIME_FILE = "runtime.json"  # settings of the current driver run, read lazily by pickled objects
@@ -223,15 +223,6 @@ class StudySearcher(_LiveLimit, Searcher):
 
 
 
-def outcome(result: Mapping[str, Any] | None, error: bool) -> str:
-    """completed | diverged | pruned | failed, from a Ray trial's last result."""
-    if error:
-        return "failed"
-    if result and result.get("final"):
-        return "diverged" if result.get("diverged") else "completed"
-    return "pruned"
-
-
 def tell(study: optuna.Study, frozen: optuna.trial.FrozenTrial, status: str,
          result: Mapping[str, Any] | None) -> None:
     value = float((result or {}).get("objective", math.nan))
@@ -252,11 +243,6 @@ def journal_storage(path: str) -> optuna.storages.JournalStorage:
 
 def optimize_config_id(key: str, number: int) -> str:
     return f"{key}-t{number:03d}"
-
-
-def dataset_key(dataset: str) -> str:
-    """Short name for ids and folder names: the registry name, or a file's stem."""
-    return Path(dataset).stem if ("/" in dataset or dataset.endswith((".pkl", ".txt"))) else dataset
 
 
 def reconcile_studies(journal: str, study_names: Mapping[str, str], known: Mapping[str, dict]) -> dict[str, int]:

@@ -12,13 +12,17 @@ A space is a readable mapping (the built-ins below, or a YAML file with the same
       beta_a: {low: 0.1, high: 5.0, log: true, when: {noise_schedule: [beta]}}
       aggregation_mlp: {field: aggregation, choices: [linear, concat], when: {denoiser: [mlp]}}
 
-A param's key is its Optuna name; `field` (default: the key) is the TrialConfig field it sets. A
-conditional knob whose choices differ by branch gets one param per branch with distinct names,
-because Optuna keys its model by name and one name must keep one distribution. `when` may only
-name fields that an earlier categorical param or `fixed` sets.
+A param's key is its Optuna name; `field` (default: the key) is the knob it sets. Everything a param
+leaves out comes from the knob vocabulary (`adrec.config.KNOBS`): `lambda_uncertainty: {}` searches
+the knob's own range on its own scale, and a knob's activity condition (λ only with
+aggregation=linear) is added to its `when`, so an inactive knob is never sampled. A conditional
+knob whose choices differ by branch gets one param per branch with distinct names, because Optuna
+keys its model by name and one name must keep one distribution. Params are sampled after the
+params their `when` looks at (reordered if needed).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -29,7 +33,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from adrec.config import TrialConfig, allowed_values, field_names
+from adrec.config import KNOBS, TrialConfig, field_names
+from adrec.data import REGISTRY
 
 Kind = Literal["float", "int", "categorical"]
 
@@ -193,7 +198,8 @@ def parse_space(name: str, raw: Mapping[str, Any]) -> Space:
         TrialConfig.from_dict(fixed)
     except ValueError as exc:
         raise SpaceError(f"space {name!r}: fixed values are not a valid TrialConfig: {exc}") from None
-    params = tuple(_parse_param(name, key, spec) for key, spec in (raw.get("params") or {}).items())
+    parsed = [_parse_param(name, key, spec) for key, spec in (raw.get("params") or {}).items()]
+    params = _in_dependency_order(name, [_with_knob_conditions(name, p, parsed, fixed) for p in parsed])
     space = Space(name=name, description=str(raw.get("description") or ""),
                   datasets=tuple(str(d) for d in raw.get("datasets") or ()), baselines=baselines,
                   fixed=fixed, params=params, **counts)
@@ -201,63 +207,115 @@ def parse_space(name: str, raw: Mapping[str, Any]) -> Space:
     return space
 
 
-def _check_fields(space: str, where: str, names: Sequence[str]) -> None:
-    known = field_names()
+def _check_fields(space: str, where: str, names: Sequence[str], knobs_only: bool = False) -> None:
+    known = list(KNOBS) if knobs_only else field_names()
     for n in names:
-        if n not in known:
-            raise SpaceError(f"space {space!r}: {where} names unknown knob {n!r}; knobs are TrialConfig "
-                             f"fields: {', '.join(known)}")
         if n in SWEEP_FIELDS:
             raise SpaceError(f"space {space!r}: {where} sets {n!r}, which the sweep sets per trial "
                              "(--datasets, --data-dir, --seed, --metric, baselines); remove it from the space")
+        if n not in known:
+            what = "knobs (`python -m adrec knobs`)" if knobs_only else "TrialConfig fields"
+            raise SpaceError(f"space {space!r}: {where} names unknown {'knob' if knobs_only else 'field'} {n!r}; "
+                             f"{what}: {', '.join(known)}")
 
 
 def _parse_param(space: str, key: str, spec: Any) -> Param:
+    spec = {} if spec is None else spec
     if not isinstance(spec, Mapping):
-        raise SpaceError(f"space {space!r}: param {key!r} must be a mapping like {{low: 1, high: 10}} or "
-                         f"{{choices: [a, b]}}; got {spec!r}")
+        raise SpaceError(f"space {space!r}: param {key!r} must be a mapping like {{low: 1, high: 10}}, "
+                         f"{{choices: [a, b]}} or {{}} (the knob's own range); got {spec!r}")
     unknown = sorted(set(spec) - set(_PARAM_KEYS))
     if unknown:
         raise SpaceError(f"space {space!r}: param {key!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"allowed: {', '.join(_PARAM_KEYS)}")
     fname = spec.get("field", key)
-    _check_fields(space, f"param {key!r}", [fname])
-    hint = typing.get_type_hints(TrialConfig)[fname]
+    _check_fields(space, f"param {key!r}", [fname], knobs_only=True)
+    knob = KNOBS[fname]
     when = tuple((str(f), tuple(v if isinstance(v, (list, tuple)) else [v]))
                  for f, v in (spec.get("when") or {}).items())
     _check_fields(space, f"param {key!r} when", [f for f, _ in when])
-    if "choices" in spec:
-        choices = tuple(spec["choices"] or ())
+    if knob.kind in ("categorical", "bool"):
+        if any(k in spec for k in ("low", "high", "log", "step", "type")):
+            raise SpaceError(f"space {space!r}: param {key!r} sets the categorical knob {fname!r}; give "
+                             f"choices: [...] (or nothing: all of {', '.join(map(str, knob.choices))}) instead of a range")
+        choices = tuple(spec["choices"] if "choices" in spec else knob.choices)
         if not choices:
             raise SpaceError(f"space {space!r}: param {key!r} has no choices")
-        allowed = allowed_values(fname)
         for c in choices:
-            if allowed is not None and c not in allowed:
+            if c not in knob.choices:
                 raise SpaceError(f"space {space!r}: param {key!r} choice {c!r} is not one of "
-                                 f"{', '.join(map(str, allowed))}")
+                                 f"{', '.join(map(str, knob.choices))}")
         return Param(key, fname, "categorical", choices=choices, when=when)
-    if allowed_values(fname) is not None or hint is bool:
-        raise SpaceError(f"space {space!r}: param {key!r} sets the categorical field {fname!r}; give "
-                         f"choices: [...] instead of a range")
-    kind = spec.get("type", "int" if hint is int else "float")
-    if kind not in ("int", "float") or (hint is int and kind != "int"):
-        raise SpaceError(f"space {space!r}: param {key!r} type={kind!r} does not fit field {fname!r} "
-                         f"({getattr(hint, '__name__', hint)}); use type: {'int' if hint is int else 'float'}")
-    low, high = spec.get("low"), spec.get("high")
+    if "choices" in spec:
+        raise SpaceError(f"space {space!r}: param {key!r} gives choices for the numeric knob {fname!r}; give "
+                         f"low/high (or nothing: {knob.low}..{knob.high}, {knob.scale})")
+    kind = spec.get("type", knob.kind)
+    if kind not in ("int", "float") or (knob.kind == "int" and kind != "int"):
+        raise SpaceError(f"space {space!r}: param {key!r} type={kind!r} does not fit knob {fname!r} "
+                         f"({knob.kind}); use type: {knob.kind}")
+    low, high = spec.get("low", knob.low), spec.get("high", knob.high)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
         raise SpaceError(f"space {space!r}: param {key!r} needs finite numbers low and high; got low={low!r}, high={high!r}")
     if not low < high:
         raise SpaceError(f"space {space!r}: param {key!r} range low={low} .. high={high} is empty; "
                          "make low < high (or fix the value under `fixed`)")
-    log = bool(spec.get("log", False))
+    step = spec.get("step")
+    log = bool(spec.get("log", knob.scale == "log" and step is None))
     if log and low <= 0:
         raise SpaceError(f"space {space!r}: param {key!r} has log: true with low={low}; a log range needs low > 0")
-    step = spec.get("step")
     if step is not None and (kind != "int" or type(step) is not int or step < 1 or log):
         raise SpaceError(f"space {space!r}: param {key!r} step={step!r} needs an int range without log")
     if kind == "int" and (low != int(low) or high != int(high)):
         raise SpaceError(f"space {space!r}: param {key!r} is an int range; low={low} and high={high} must be whole")
     return Param(key, fname, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _with_knob_conditions(space: str, p: Param, params: Sequence[Param], fixed: Mapping[str, Any]) -> Param:
+    """Add the knob's own activity condition to the param's `when`, so it is sampled only where active.
+
+    A condition on a field the space sets (a param or `fixed`) joins `when` (intersected with a
+    `when` the space gave); one on a field left at its default is checked now: a knob that is inactive
+    at that default is never active, which is an error rather than a silently wasted dimension.
+    """
+    when = dict(p.when)
+    searched: dict[str, set[Any]] = {}
+    for q in params:
+        searched.setdefault(q.field, set()).update(q.choices)
+    for field_name, allowed in KNOBS[p.field].when:
+        if field_name in searched:
+            when[field_name] = tuple(v for v in when.get(field_name, allowed)
+                                     if v in allowed and v in searched[field_name])
+            continue
+        value = fixed.get(field_name, getattr(TrialConfig(), field_name))
+        if value not in allowed:
+            where = "fixes" if field_name in fixed else "leaves at its default"
+            raise SpaceError(f"space {space!r}: param {p.name!r} is never active: {p.field} only matters with "
+                             f"{KNOBS[p.field].describe_when()}, and the space {where} {field_name}={value!r}; "
+                             f"search {field_name} too or drop {p.name!r}")
+    if any(not allowed for allowed in when.values()):
+        raise SpaceError(f"space {space!r}: param {p.name!r} is never active: its `when` excludes every value "
+                         f"where {p.field} matters ({KNOBS[p.field].describe_when()})")
+    return dataclasses.replace(p, when=tuple(when.items()))
+
+
+def _in_dependency_order(space: str, params: list[Param]) -> tuple[Param, ...]:
+    """The params, stably reordered so each comes after every param that sets a field its `when` reads."""
+    setters: dict[str, set[str]] = {}
+    for p in params:
+        setters.setdefault(p.field, set()).add(p.name)
+    ordered: list[Param] = []
+    remaining = list(params)
+    while remaining:
+        placed = {q.name for q in ordered}
+        ready = next((p for p in remaining
+                      if all(setters.get(f, set()) - {p.name} <= placed for f, _ in p.when)), None)
+        if ready is None:
+            names = ", ".join(p.name for p in remaining)
+            raise SpaceError(f"space {space!r}: params {names} depend on each other through `when`; "
+                             "a condition may only read fields that other params set first")
+        ordered.append(ready)
+        remaining.remove(ready)
+    return tuple(ordered)
 
 
 def validate_space(space: Space) -> None:
@@ -336,14 +394,10 @@ def _branches(space: Space) -> typing.Iterator[tuple[dict[str, Any], list[Param]
     yield from walk(0, base, {}, [])
 
 
-def branch_count(space: Space) -> int:
-    return sum(1 for _ in _branches(space))
-
-
 # --------------------------------------------------------------------------------------------------
 # Built-in spaces
 # --------------------------------------------------------------------------------------------------
-ALL_DATASETS = ("ml-100k", "baby", "beauty", "sports", "toys", "yelp")
+ALL_DATASETS = tuple(REGISTRY)
 
 FULL: dict[str, Any] = {
     "description": "every design choice the mission names, on all six datasets",
@@ -352,24 +406,23 @@ FULL: dict[str, Any] = {
     "baselines": ["most_popular", "sasrec"],
     "fixed": {"stage3_epochs": 200},
     "params": {
-        "lambda_uncertainty": {"low": 1e-4, "high": 1.0, "log": True},
-        "noise_schedule": {"choices": ["linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta"]},
-        "beta_a": {"low": 0.2, "high": 5.0, "log": True, "when": {"noise_schedule": ["beta"]}},
-        "beta_b": {"low": 0.5, "high": 20.0, "log": True, "when": {"noise_schedule": ["beta"]}},
-        # T >= 24: below ~20 the 1000/T-scaled linear schedules push betas past 1.
-        "diffusion_steps": {"low": 24, "high": 200, "log": True},
-        "stage_plan": {"choices": ["three_stage", "no_warmup", "no_pretrain"]},
-        "stage1_epochs": {"low": 20, "high": 200, "log": True},
-        "stage2_epochs": {"low": 1, "high": 20},
-        "positional_encoding": {"choices": ["none", "learned", "sinusoidal", "rotary"]},
-        "noise_level": {"choices": ["token", "sequence"]},
-        "denoiser": {"choices": ["transformer", "mlp"]},
-        "aggregation": {"choices": ["linear", "cross_attention", "adaln", "concat"],
-                        "when": {"denoiser": ["transformer"]}},
+        # Ranges, scales and activity conditions are the knobs' own (adrec.config.KNOBS).
+        "noise_schedule": {},
+        "beta_a": {},
+        "beta_b": {},
+        "diffusion_steps": {},
+        "stage_plan": {},
+        "stage1_epochs": {},
+        "stage2_epochs": {},
+        "positional_encoding": {},
+        "noise_level": {},
+        "denoiser": {},
+        "aggregation": {"when": {"denoiser": ["transformer"]}},
         # An MLP has no attention to cross-attend with and no norm to modulate: its own branch.
         "aggregation_mlp": {"field": "aggregation", "choices": ["linear", "concat"], "when": {"denoiser": ["mlp"]}},
-        "mse_weight": {"low": 0.1, "high": 10.0, "log": True},
-        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "lambda_uncertainty": {},
+        "mse_weight": {},
+        "lr": {},
     },
 }
 
@@ -391,7 +444,7 @@ SMOKE: dict[str, Any] = {
     # ~1-2 min per ADRec trial on one CPU core: 3 stage-1 epochs, 1 warm-up + 3 joint epochs, 2 evaluations.
     "fixed": {"stage1_epochs": 3, "stage2_epochs": 1, "stage3_epochs": 3, "eval_every": 2, "patience": 2},
     "params": {
-        "lambda_uncertainty": {"low": 1e-4, "high": 1.0, "log": True},
+        "lambda_uncertainty": {},
         "noise_schedule": {"choices": ["trunc_lin", "cosine"]},
         "positional_encoding": {"choices": ["none", "rotary"]},
     },
@@ -420,4 +473,4 @@ def load_space(name_or_path: str) -> Space:
 
 
 __all__ = ["ALL_DATASETS", "BASELINES", "BUILTIN", "Param", "SWEEP_FIELDS", "Space", "SpaceError",
-           "branch_count", "load_space", "parse_space", "validate_space"]
+           "load_space", "parse_space", "validate_space"]

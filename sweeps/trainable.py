@@ -19,19 +19,15 @@ from typing import Any
 
 from ray import tune
 
-from adrec.config import TrialConfig, field_names
+from adrec.config import TrialConfig
+from adrec.record import FINISHED, FIT_RESULT, META_KEYS, split_config
 
 log = logging.getLogger("sweeps.trainable")
 
-# Keys of a trial's Ray config that are not TrialConfig fields: stripped before `from_dict`.
-META_KEYS = ("phase", "config_id", "job")
-FIT_RESULT = "fit_result.json"
 REPORT_FILE = "report.json"  # the metrics of the evaluation a checkpoint belongs to
 FAULT_ENV = "ADREC_FAULT_ONCE"  # test hook: a marker folder; each trial raises once after its first checkpoint
 METRIC = "objective"  # what schedulers and searchers read: best-so-far validation value, maximised
 MODE = "max"
-FINISHED = ("TERMINATED", "ERROR")  # Ray trial states after which a trial never runs again
-assert not set(META_KEYS) & set(field_names()), "a META key shadows a TrialConfig field"
 
 
 @dataclass(frozen=True)
@@ -41,13 +37,6 @@ class TrialContext:
     stage1_cache: str
     fault_once: str | None = None  # the marker folder of the fault hook (from ADREC_FAULT_ONCE)
     code_version: str | None = None  # the driver's checkout: workers may run from a copy without .git
-
-
-def split_config(config: dict[str, Any]) -> tuple[TrialConfig, dict[str, Any]]:
-    """Ray's flat config -> (TrialConfig, the sweep's own keys)."""
-    meta = {k: config[k] for k in META_KEYS if k in config}
-    cfg = TrialConfig.from_dict({k: v for k, v in config.items() if k not in META_KEYS})
-    return cfg, meta
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:

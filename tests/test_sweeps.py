@@ -114,7 +114,7 @@ def test_builtin_spaces_sample_only_valid_configs():
      r"can sample an invalid config .*noise_schedule='linear'.*diffusion_steps=4"),
     ({"aggregation": {"choices": ["linear", "cross_attention"]}}, {"denoiser": "mlp"},
      "can sample an invalid config.*cross_attention.*MLP denoiser"),
-    ({"beta_a": {"low": 0.5, "high": 2.0, "when": {"denoiser": ["mlp"]}}}, {}, "depends on 'denoiser'"),
+    ({"lr": {"low": 1e-4, "high": 1e-2, "when": {"denoiser": ["mlp"]}}}, {}, "depends on 'denoiser'"),
 ], ids=["unknown-knob", "empty-range", "log-zero", "bad-choice", "unknown-key", "sweep-field",
         "schedule-vs-T", "mlp-cross-attention", "condition-order"])
 def test_space_file_errors(params, fixed, match):
