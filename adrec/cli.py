@@ -1,4 +1,5 @@
-"""`python -m adrec train | data stats | bench`: the command line over `fit`, the data and the bench."""
+"""`python -m adrec train | knobs | data stats | bench`: the command line over `fit`, the knobs, the data
+and the bench. torch is imported only by the commands that train, so `knobs` and `--help` are quick."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adrec.config import TrialConfig, parse_assignment
-from adrec.metrics import METRIC_NAMES
+from adrec.config import KNOBS, METRICS, Knob, TrialConfig, parse_assignment
 
 
 def build_config(args: argparse.Namespace) -> TrialConfig:
@@ -40,11 +40,11 @@ def check_dataset(cfg: TrialConfig) -> None:
 
 
 def metrics_table(result: dict[str, Any]) -> str:
-    header = f"{'split':<6}" + "".join(f"{m:>10}" for m in METRIC_NAMES)
+    header = f"{'split':<6}" + "".join(f"{m:>10}" for m in METRICS)
     rows = [header]
     for split in ("val", "test"):
         values = result.get(split) or {}
-        rows.append(f"{split:<6}" + "".join(f"{values.get(m, float('nan')):>10.4f}" for m in METRIC_NAMES))
+        rows.append(f"{split:<6}" + "".join(f"{values.get(m, float('nan')):>10.4f}" for m in METRICS))
     return "\n".join(rows)
 
 
@@ -62,6 +62,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0 if result["status"] == "completed" else 3
+
+
+def fmt_value(value: Any) -> str:
+    """A knob value as a user types it after --set: 0.001, trunc_lin, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def knob_record(knob: Knob) -> dict[str, Any]:
+    """One row of `python -m adrec knobs`: what the knob is called, what it takes, when it acts."""
+    if knob.choices:
+        values = ", ".join(map(fmt_value, knob.choices))
+    else:
+        values = f"{fmt_value(knob.low)} .. {fmt_value(knob.high)}"
+    return {"knob": knob.name, "paper": knob.paper, "kind": knob.kind, "values": values, "scale": knob.scale,
+            "active_when": knob.describe_when(), "default": fmt_value(knob.default), "help": knob.help}
+
+
+def cmd_knobs(args: argparse.Namespace) -> int:
+    rows = [knob_record(k) for k in KNOBS.values()]
+    if args.json:
+        json_rows = [{**r, "low": k.low, "high": k.high, "choices": list(k.choices), "default": k.default,
+                      "when": {f: list(v) for f, v in k.when}} for r, k in zip(rows, KNOBS.values())]
+        print(json.dumps(json_rows, indent=1))
+        return 0
+    columns = ("knob", "paper", "values", "scale", "active_when", "default")
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip())
+    print(f"\n{len(rows)} knobs; set any with `--set knob=value` (train, bench) or search it in a sweep space. "
+          "values: the range a sweep searches by default (any valid value may be set).")
+    return 0
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
@@ -103,6 +139,11 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--stage1-cache", help="directory shared by runs that can reuse one stage-1 result")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
+
+    knobs = sub.add_parser("knobs", help="every design knob: paper name, values or range, scale, when it is "
+                                         "active, the authors' default")
+    knobs.add_argument("--json", action="store_true", help="machine-readable: a JSON list, one object per knob")
+    knobs.set_defaults(func=cmd_knobs)
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(dest="data_command", required=True)

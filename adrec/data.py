@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 Format = Literal["split_pickle", "sequence_text"]
 ENV_DATA_DIR = "ADREC_DATA_DIR"
 ENV_URL_BASE = "ADREC_DATA_URL_BASE"
-# adrec/data.py -> parents[1] is the repository root; shared/ lies beside it (here and in CI).
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# adrec/data.py -> parents[1] is the repository root; shared/ lies beside it (here and in CI). Every
+# folder and file the lookup returns has its symlinks resolved, so one file has one name wherever a
+# trial record, a stage-1 cache key or a test compares paths, however the folder was reached.
+SHARED_DATA_DIR = (Path(__file__).resolve().parents[2] / "shared" / "datasets").resolve()
 STATS_COLUMNS = ("dataset", "users", "items", "interactions", "avg_len", "min_len", "max_len")
 
 _ADREC_RAW = "https://raw.githubusercontent.com/Nemo-1024/ADRec/main/datasets/data/{}/dataset.pkl"
@@ -131,7 +133,7 @@ def resolve_data_dir(data_dir: str | None = None) -> Path:
 
 def cache_dir() -> Path:
     """Where downloads land by default (may not exist yet)."""
-    return Path.home() / ".cache" / "adrec"
+    return (Path.home() / ".cache" / "adrec").resolve()
 
 
 def dataset_path(name_or_path: str, data_dir: str | None = None, *, url_base: str | None = None) -> Path:
@@ -147,7 +149,7 @@ def dataset_path(name_or_path: str, data_dir: str | None = None, *, url_base: st
     for candidate in (root / info.file, cache_dir() / info.file):
         if candidate.is_file():
             _verify(candidate, info)
-            return candidate
+            return candidate.resolve()
     explicit = Path(data_dir).expanduser().resolve() if data_dir else None
     writable = explicit is not None and explicit != SHARED_DATA_DIR and os.access(explicit, os.W_OK)
     base = url_base or os.environ.get(ENV_URL_BASE)

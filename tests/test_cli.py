@@ -18,7 +18,7 @@ import pytest
 
 from adrec import data
 from adrec.cli import main
-from adrec.config import TrialConfig, field_names
+from adrec.config import KNOBS, TrialConfig, field_names
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DIR = Path(os.environ.get(data.ENV_DATA_DIR) or data.SHARED_DATA_DIR)
@@ -139,6 +139,37 @@ def test_set_overrides_config_file_and_data_path_overrides_dataset(seq_file: Pat
     cfg = build_config(args)
     assert (cfg.dataset, cfg.model, cfg.lr, cfg.hidden_size, cfg.heads) == (str(seq_file.resolve()), "sasrec",
                                                                              0.5, 32, 4)
+
+
+# --- knobs ------------------------------------------------------------------------------------
+def test_knobs_lists_every_knob_with_paper_name_range_scale_condition_and_default() -> None:
+    proc = run("knobs")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["knob", "paper", "values", "scale", "active_when", "default"]
+    rows = {line.split()[0]: line for line in lines[1:len(KNOBS) + 1]}
+    assert list(rows) == list(KNOBS)
+    assert re.fullmatch(r"lambda_uncertainty +λ \(uncertainty weight\) +0\.0001 \.\. 1 +log +aggregation=linear +0\.001",
+                        rows["lambda_uncertainty"])
+    assert re.fullmatch(r"aggregation +aggregation +linear, cross_attention, adaln, concat +categorical +always +linear",
+                        rows["aggregation"])
+    s1 = KNOBS["stage1_epochs"]
+    assert re.fullmatch(rf"stage1_epochs +stage-1 epochs +{s1.low} \.\. {s1.high} +log "
+                        rf"+stage_plan=three_stage\|no_warmup +{s1.default}", rows["stage1_epochs"])
+    assert re.fullmatch(r"pcgrad +PCGrad +false, true +categorical +always +false", rows["pcgrad"])
+
+
+def test_knobs_json_round_trips_the_vocabulary(capsys: pytest.CaptureFixture) -> None:
+    assert main(["knobs", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [k["knob"] for k in listed] == list(KNOBS)
+    for entry in listed:
+        knob = KNOBS[entry["knob"]]
+        assert (entry["paper"], entry["kind"], entry["scale"], entry["default"], entry["low"], entry["high"]) == \
+            (knob.paper, knob.kind, knob.scale, knob.default, knob.low, knob.high)
+        assert tuple(entry["choices"]) == knob.choices
+        assert {f: tuple(v) for f, v in entry["when"].items()} == dict(knob.when)
+    assert next(k for k in listed if k["knob"] == "lambda_uncertainty")["when"] == {"aggregation": ["linear"]}
 
 
 # --- data stats ---------------------------------------------------------------------------------
