@@ -130,8 +130,10 @@ class TrainSequences:
     def __len__(self) -> int:
         return self.seq.shape[0]
 
-    def batches(self, batch_size: int, seed: int, epoch: int, bucketed: bool = False
+    def batches(self, batch_size: int, seed: int, epoch: int, bucketed: bool = False, full_width: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (seq, tgt), trimmed to their longest sequence unless `full_width` (padded to
+        max_len, as the authors' batches: query-masked attention sees every padding column)."""
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(self), generator=g)
         if bucketed:
@@ -142,7 +144,7 @@ class TrainSequences:
         if bucketed:
             groups = [groups[i] for i in torch.randperm(len(groups), generator=g)]
         for idx in groups:
-            yield trim(self.seq[idx], self.tgt[idx])
+            yield (self.seq[idx], self.tgt[idx]) if full_width else trim(self.seq[idx], self.tgt[idx])
 
 
 @dataclass
@@ -163,9 +165,10 @@ class EvalSequences:
     def __len__(self) -> int:
         return self.seq.shape[0]
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """At most `batch_size` users each, cut where lengths drop, trimmed to their longest."""
+    def batches(self, batch_size: int, full_width: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """At most `batch_size` users each, cut where lengths drop, trimmed to their longest (or
+        kept at max_len: `full_width`)."""
         lengths = (self.seq > 0).sum(1).tolist()
         for part in length_groups(lengths, batch_size, 2**62, self.FILL):
-            (seq,) = trim(self.seq[part])
+            seq = self.seq[part] if full_width else trim(self.seq[part])[0]
             yield seq, self.target[part]

@@ -22,13 +22,16 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping, get_args, get_origin
 
 Model = Literal["adrec", "sasrec", "most_popular"]
-NoiseScheduleName = Literal["linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta"]
+NoiseScheduleName = Literal["linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta", "beta_cdf"]
 Aggregation = Literal["linear", "cross_attention", "adaln", "concat"]
 PositionalEncoding = Literal["none", "learned", "sinusoidal", "rotary"]
 StagePlan = Literal["three_stage", "no_warmup", "no_pretrain"]
 NoiseLevel = Literal["token", "sequence"]
 Denoiser = Literal["transformer", "mlp"]
 Selection = Literal["metric", "any_metric"]
+WarmupEmbedding = Literal["decayed", "frozen"]
+LossCombination = Literal["mean", "sum"]
+PaddingMask = Literal["key", "query"]
 Metric = Literal["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -109,9 +112,9 @@ class TrialConfig:
                                 scale="log")  # below ~20 the 1000/T-scaled linear schedules leave (0, 1]
     noise_schedule: NoiseScheduleName = knob("trunc_lin", "noise schedule", "how beta_t grows with t")
     beta_a: float = knob(0.3, "a of Beta(a, b)", "shape a of the beta schedule", low=0.2, high=5.0, scale="log",
-                         when={"noise_schedule": ("beta",)})
+                         when={"noise_schedule": ("beta", "beta_cdf")})
     beta_b: float = knob(10.0, "b of Beta(a, b)", "shape b of the beta schedule", low=0.5, high=20.0, scale="log",
-                         when={"noise_schedule": ("beta",)})
+                         when={"noise_schedule": ("beta", "beta_cdf")})
     lambda_uncertainty: float = knob(1e-3, "λ (uncertainty weight)", "weight of (x_t + t_emb) in the linear "
                                      "aggregation c + λ(x_t + t_emb)", low=1e-4, high=1.0, scale="log",
                                      when={"aggregation": ("linear",)})
@@ -128,8 +131,8 @@ class TrialConfig:
     # --- stages (authors: pre-train to early stop, 5 warm-up epochs frozen, 500 epochs in all)
     stage_plan: StagePlan = knob("three_stage", "stage plan", "which of the three training stages run, at a "
                                  "fixed total epoch budget")
-    stage1_epochs: int = knob(200, "stage-1 epochs", "maximum epochs of CE pre-training (stops early by "
-                              "patience)", low=20, high=200, scale="log",
+    stage1_epochs: int = knob(500, "stage-1 epochs", "maximum epochs of CE pre-training (stops early by "
+                              "patience)", low=20, high=500, scale="log",
                               when={"stage_plan": ("three_stage", "no_warmup")})
     stage2_epochs: int = knob(5, "stage-2 epochs", "warm-up epochs with the item embeddings frozen", low=1,
                               high=20, when={"stage_plan": ("three_stage",)})
@@ -137,9 +140,20 @@ class TrialConfig:
                               "authors' 500", low=10, high=495, scale="log")
     eval_every: int = knob(5, "evaluation interval", "trained epochs between validation passes", low=1, high=10)
     patience: int = knob(4, "patience", "evaluations without improvement before stopping", low=1, high=10)
-    selection: Selection = knob("metric", "model selection", "best model by select_metric, or the authors' "
+    selection: Selection = knob("any_metric", "model selection", "best model by select_metric, or the authors' "
                                 "'any of the six metrics improved'")
     select_metric: Metric = "NDCG@20"  # set by the sweep's --metric
+
+    # --- fidelity to the authors' code: their behaviour by default, each correction a knob
+    warmup_embedding: WarmupEmbedding = knob("decayed", "frozen embedding (freeze_emb)", "warm-up embedding: "
+                                             "moved by Adam's weight decay as the authors' PCGrad leaves it, "
+                                             "or bitwise frozen", when={"stage_plan": ("three_stage",)})
+    loss_combination: LossCombination = knob("mean", "PCGrad reduction", "CE and MSE gradients averaged "
+                                             "((g_CE + w g_MSE) / 2, authors) or summed")
+    padding_mask: PaddingMask = knob("key", "padding mask", "padded positions masked as attention keys "
+                                     "(packed rows) or as query rows in rows left-padded to L (authors)")
+    score_padding_item: bool = knob(True, "score of item 0", "rank the padding item 0 with the real items "
+                                    "(authors) or never recommend it")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -316,7 +330,7 @@ def _check_values(cfg: TrialConfig) -> None:
     if cfg.model == "adrec":
         from adrec.schedule import NoiseSchedule
 
-        NoiseSchedule.from_config(cfg)
+        NoiseSchedule.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

@@ -13,6 +13,10 @@ Inference keeps the history at t = 0 and denoises only the last position from T-
 both Transformers are causal, the history's keys and values never change across the T steps:
 `score_all` computes them once and runs only the last token through the denoiser per step.
 
+With `padding_mask='query'` (the authors' masking) rows are single sequences left-padded to L:
+every query attends to all keys up to itself, padding included, and a padded query row attends
+uniformly (its scores are all filled with -1e9, as in the authors' attention).
+
 Both verbs every recommender here exposes: `loss(seq, tgt)` and `score_all(seq)` -> (B, N+1).
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ from adrec.losses import linear_cross_entropy
 from adrec.schedule import NoiseSchedule, ScheduleTensors
 
 LN_EPS = 1e-12  # the authors' TF-style LayerNorm epsilon
+PADDED_ROW_SCORE = -1e9  # the authors' fill for padded query rows (padding_mask='query')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,6 +60,29 @@ def segment_layout(segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(1) > 0)  # (B, Lq, Lk)
     mask = (same & ~later) | torch.eye(l, dtype=torch.bool, device=segment.device)
     return mask.unsqueeze(1), (same & later).sum(-1)
+
+
+def query_masked_layout(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' masking for one left-padded sequence per row: a causal mask (B, 1, L, L) for
+    every row, padded keys included, the padded query rows (B, 1, L, 1) whose scores are all
+    filled, and positions as in `segment_layout`."""
+    valid = seq > 0
+    l = seq.shape[1]
+    causal = torch.ones(l, l, dtype=torch.bool, device=seq.device).tril()
+    _, pos = segment_layout(valid.long())
+    return causal.expand(seq.shape[0], 1, l, l), (~valid)[:, None, :, None], pos
+
+
+def attention_context(seq: torch.Tensor, segment: torch.Tensor | None, query_masked: bool) -> Context:
+    """The attention context of a batch: packed or key-masked rows (`segment_layout`), or the
+    authors' query-row masking of left-padded rows (`query_masked_layout`)."""
+    if not query_masked:
+        mask, pos = segment_layout(segments(seq, segment))
+        return Context(mask=mask, pos_q=pos, memory_mask=mask)
+    if segment is not None and bool((segment > 1).any()):
+        raise ValueError("padding_mask='query' needs one left-padded sequence per row; got packed rows")
+    mask, padded_rows, pos = query_masked_layout(seq)
+    return Context(mask=mask, pos_q=pos, memory_mask=mask, padded_rows=padded_rows)
 
 
 def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -156,10 +184,11 @@ class Attention(nn.Module):
         self.heads, self.dropout, self.rotary = heads, dropout, rotary
         self.attn_drop = Dropout(dropout)
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.kv = nn.Linear(dim, 2 * dim)  # keys and values in one matmul
         self.out = nn.Linear(dim, dim)
-        for layer in (self.q, self.kv, self.out):
-            nn.init.xavier_normal_(layer.weight)
+        with torch.no_grad():  # as the authors' separate d x d layers: K and V each xavier over (d, d)
+            for weight in (self.q.weight, self.kv.weight[:dim], self.kv.weight[dim:], self.out.weight):
+                weight.copy_(nn.init.xavier_normal_(torch.empty(dim, dim)))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
         b, l, d = x.shape
@@ -172,14 +201,19 @@ class Attention(nn.Module):
             k = self.rotary(k, pos)
         return KV(k, v)
 
-    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor, pos: torch.Tensor | None,
+                padded_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`padded_rows` (B, 1, Lq, 1): query rows whose scores are all filled with -1e9 before the
+        mask (the authors' padding mask), so they attend uniformly to the keys `mask` allows."""
         q = self._split(self.q(x))  # (B, H, Lq, dh)
         if self.rotary is not None and pos is not None:
             q = self.rotary(q, pos)
-        if q.device.type == "cpu" and (self.training or q.shape[2] == 1):
+        if padded_rows is not None or (q.device.type == "cpu" and (self.training or q.shape[2] == 1)):
             # SDPA's own math: on CPU its dropout draws a per-element bernoulli_ mask (the cheaper
             # mask above is 3-4x faster), and for the sampler's single query two matmuls beat it.
-            scores = (q @ kv.k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            scores = (q @ kv.k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            if padded_rows is not None:
+                scores = scores.masked_fill(padded_rows, PADDED_ROW_SCORE)
             y = self.attn_drop(torch.softmax(scores.masked_fill(~mask, -torch.inf), dim=-1)) @ kv.v
         else:
             y = F.scaled_dot_product_attention(
@@ -203,6 +237,7 @@ class Context:
 
     mask: torch.Tensor  # (B, 1, Lq, Lk) self-attention mask
     pos_q: torch.Tensor  # (B, Lq) positions of the queries (from newest)
+    padded_rows: torch.Tensor | None = None  # (B, 1, Lq, 1) padded query rows (padding_mask='query')
     memory: torch.Tensor | None = None  # (B, Lm, D) CAM output for cross-attention
     memory_mask: torch.Tensor | None = None  # (B, 1, Lq, Lm)
     cond: torch.Tensor | None = None  # (B, Lq, D) adaLN condition
@@ -236,12 +271,12 @@ class Block(nn.Module):
         if self.adaln:
             return self._forward_adaln(x, ctx, past)
         kv = self._self_kv(x, ctx, past)
-        x = self.norms[0](x + self.drop(self.attn(x, kv, ctx.mask, ctx.pos_q)))
+        x = self.norms[0](x + self.drop(self.attn(x, kv, ctx.mask, ctx.pos_q, ctx.padded_rows)))
         if self.cross is not None:
             mem = ctx.memory_kv.get(id(self))
             if mem is None:  # the memory is the same for every denoising step: project it once
                 mem = ctx.memory_kv[id(self)] = self.cross.keys_values(ctx.memory, None)
-            x = self.norms[1](x + self.drop(self.cross(x, mem, ctx.memory_mask, None)))
+            x = self.norms[1](x + self.drop(self.cross(x, mem, ctx.memory_mask, None, ctx.padded_rows)))
         x = self.norms[-1](x + self.drop(self.ffn(x)))
         return x, kv
 
@@ -265,7 +300,7 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(ctx.cond)).chunk(6, -1)
         h = self.norms[0](x) * (1 + scale1) + shift1
         kv = self._self_kv(h, ctx, past)
-        x = x + gate1 * self.drop(self.attn(h, kv, ctx.mask, ctx.pos_q))
+        x = x + gate1 * self.drop(self.attn(h, kv, ctx.mask, ctx.pos_q, ctx.padded_rows))
         h = self.norms[1](x) * (1 + scale2) + shift2
         return x + gate2 * self.drop(self.ffn(h)), kv
 
@@ -363,7 +398,7 @@ class ADRec(nn.Module):
         self.hist_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.positions = AbsolutePositions(cfg.positional_encoding, cfg.max_len, d)
         self.cam = Transformer(cfg, cfg.cam_blocks, cfg.positional_encoding)
-        schedule = NoiseSchedule.from_config(cfg)
+        schedule = NoiseSchedule.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
         self.steps = schedule.steps
         self.adm = Denoiser(cfg, schedule.steps)
         self._schedule = schedule
@@ -379,12 +414,11 @@ class ADRec(nn.Module):
     def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
         """c = CAM(LN(drop(E[seq]) + pos)); returns (B, L, D) and the shared attention context.
         `segment` numbers packed sequences (default: one left-padded sequence per row)."""
-        mask, pos = segment_layout(segments(seq, segment))
+        ctx = attention_context(seq, segment, self.cfg.padding_mask == "query")
         h = self.emb_dropout(self.item_emb(seq))
-        pe = self.positions(pos)
+        pe = self.positions(ctx.pos_q)
         if pe is not None:
             h = h + pe
-        ctx = Context(mask=mask, pos_q=pos, memory_mask=mask)
         c, _ = self.cam(self.hist_norm(h), ctx)
         return c, ctx
 
@@ -398,47 +432,55 @@ class ADRec(nn.Module):
             t = torch.randint(0, self.steps, (b, l + 1), device=segment.device).gather(1, segment)
         return t * (segment > 0)
 
-    def loss(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """CE over all items at every valid position + mse_weight * masked MSE to E[tgt].
-        Inputs and targets share their padding; `segment` as in `encode`."""
+    def forward_train(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> "TrainingPass":
+        """The training forward pass: CE over all N+1 items at every valid position and the masked
+        MSE of x̂_0 to E[tgt]. Inputs and targets share their padding; `segment` as in `encode`.
+        `t` (B, L) and `noise` (B, L, D) fix the draws (tests); t is zeroed at padding."""
         valid = tgt > 0  # (B, L)
         segment = segments(tgt, segment)
         c, ctx = self.encode(seq, segment)
         x0 = self.item_emb(tgt)  # (B, L, D)
-        t = self.sample_timesteps(segment)
-        x_t = self.schedule().add_noise(x0, t, torch.randn_like(x0))
+        t = self.sample_timesteps(segment) if t is None else t * valid
+        x_t = self.schedule().add_noise(x0, t, torch.randn_like(x0) if noise is None else noise)
         x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
         x0_hat, _ = self.adm(c, x_t, t, ctx)
         # MSE: per sequence, mean over its positions and dims; then mean over sequences (authors).
         mse = sequence_mean(((x0_hat - x0) ** 2).mean(-1), segment)
         ce = linear_cross_entropy(x0_hat[valid], self.item_emb.weight, tgt[valid])  # over N+1 items
-        return ce + self.cfg.mse_weight * mse, {"ce": ce, "mse": mse}
+        return TrainingPass(c=c, t=t, x_t=x_t, x0_hat=x0_hat, ce=ce, mse=mse)
+
+    def loss(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """CE + mse_weight * MSE and its two parts (see `forward_train`)."""
+        out = self.forward_train(seq, tgt, segment)
+        return out.ce + self.cfg.mse_weight * out.mse, {"ce": out.ce, "mse": out.mse}
 
     # --- inference -----------------------------------------------------------------------------
     @torch.no_grad()
-    def score_all(self, seq: torch.Tensor, noise: torch.Tensor | None = None, naive: bool = False
-                  ) -> torch.Tensor:
-        """Scores (B, N+1) for the item after `seq`; id 0 gets -inf.
+    def score_all(self, seq: torch.Tensor, noise: torch.Tensor | None = None, naive: bool = False,
+                  trace: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Scores (B, N+1) for the item after `seq`; id 0 gets -inf unless `score_padding_item`.
 
-        `noise` (T+1, B, D) fixes the initial sample and the per-step noise (for tests); `naive`
-        recomputes the whole denoiser at every step instead of caching the history.
+        `noise` (T+1, B, D) fixes the initial sample x_T (noise[0]) and the noise of the step at t
+        (noise[t + 1]) (for tests); `naive` recomputes the whole denoiser at every step instead of
+        caching the history; `trace` receives (x̂_0, x_{t-1}) of the last position per step.
         """
         b, l = seq.shape
         d = self.cfg.hidden_size
         if noise is None:
             noise = torch.randn(self.steps + 1, b, d, device=seq.device)
         c, ctx = self.encode(seq)
-        x_last = self._denoise_naive(seq, c, ctx, noise) if naive else self._denoise_cached(seq, c, ctx, noise)
-        scores = x_last @ self.item_emb.weight.T
-        scores[:, 0] = -torch.inf
-        return scores
+        denoise = self._denoise_naive if naive else self._denoise_cached
+        x_last = denoise(seq, c, ctx, noise, trace)
+        return padding_scored(x_last @ self.item_emb.weight.T, self.cfg.score_padding_item)
 
     def _prefix_targets(self, seq: torch.Tensor) -> torch.Tensor:
         """Clean targets of the history positions: the next item of each, i.e. seq shifted left."""
         return self.item_emb(seq[:, 1:])  # (B, L-1, D)
 
-    def _denoise_naive(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor) -> torch.Tensor:
+    def _denoise_naive(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor,
+                       trace: list | None) -> torch.Tensor:
         b, l = seq.shape
         sched = self.schedule()
         prefix = self._prefix_targets(seq)
@@ -449,9 +491,12 @@ class ADRec(nn.Module):
             t[:, -1] = i
             x0_hat, _ = self.adm(c, x_t, t, ctx)
             x = sched.step(x0_hat[:, -1], x, i, noise[i + 1])
+            if trace is not None:
+                trace.append((x0_hat[:, -1], x))
         return x
 
-    def _denoise_cached(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor) -> torch.Tensor:
+    def _denoise_cached(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor,
+                        trace: list | None) -> torch.Tensor:
         b, l = seq.shape
         sched = self.schedule()
         x = noise[0]
@@ -460,18 +505,45 @@ class ADRec(nn.Module):
             # Run the history once at t = 0 and keep every layer's keys and values.
             p = l - 1
             pre_ctx = Context(mask=ctx.mask[:, :, :p, :p], pos_q=ctx.pos_q[:, :p],
-                              memory_mask=ctx.memory_mask[:, :, :p, :])
+                              memory_mask=ctx.memory_mask[:, :, :p, :],
+                              padded_rows=_rows(ctx.padded_rows, slice(None, p)))
             t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
             _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c, kv_only=True)
             past = [kv.with_room(1) for kv in past]
         last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[:, -1:],
-                           memory_mask=ctx.memory_mask[:, :, -1:, :])
+                           memory_mask=ctx.memory_mask[:, :, -1:, :],
+                           padded_rows=_rows(ctx.padded_rows, slice(-1, None)))
         c_last = c[:, -1:]
         for i in reversed(range(self.steps)):
             t = torch.full((b, 1), i, dtype=torch.long, device=seq.device)
             x0_hat, _ = self.adm(c_last, x.unsqueeze(1), t, last_ctx, c_memory=c, past=past)
             x = sched.step(x0_hat[:, 0], x, i, noise[i + 1])
+            if trace is not None:
+                trace.append((x0_hat[:, 0], x))
         return x
+
+
+@dataclass
+class TrainingPass:
+    """What one training forward pass computed (ADRec.forward_train)."""
+
+    c: torch.Tensor  # (B, L, D) CAM output
+    t: torch.Tensor  # (B, L) timesteps used (0 at padding)
+    x_t: torch.Tensor  # (B, L, D) noisy targets (E[tgt] at padding)
+    x0_hat: torch.Tensor  # (B, L, D) denoiser output at every position
+    ce: torch.Tensor
+    mse: torch.Tensor
+
+
+def _rows(padded_rows: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if padded_rows is None else padded_rows[:, :, rows]
+
+
+def padding_scored(scores: torch.Tensor, score_padding_item: bool) -> torch.Tensor:
+    """Scores with column 0, the padding item, ranked like the others (authors) or set to -inf."""
+    if not score_padding_item:
+        scores[:, 0] = -torch.inf
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +557,7 @@ class SASRec(nn.Module):
     def __init__(self, cfg: TrialConfig, num_items: int):
         super().__init__()
         d = cfg.hidden_size
+        self.cfg = cfg
         self.item_emb = nn.Embedding(num_items + 1, d, padding_idx=0)
         self.norm = nn.LayerNorm(d)
         self.emb_dropout = Dropout(cfg.emb_dropout)
@@ -499,8 +572,8 @@ class SASRec(nn.Module):
             nn.init.zeros_(module.bias)
 
     def encode(self, seq: torch.Tensor, segment: torch.Tensor | None = None) -> torch.Tensor:
-        mask, pos = segment_layout(segments(seq, segment))
-        h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), Context(mask=mask, pos_q=pos))
+        ctx = attention_context(seq, segment, self.cfg.padding_mask == "query")
+        h, _ = self.encoder(self.emb_dropout(self.norm(self.item_emb(seq))), ctx)
         return h
 
     def loss(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor | None = None
@@ -511,9 +584,7 @@ class SASRec(nn.Module):
 
     @torch.no_grad()
     def score_all(self, seq: torch.Tensor) -> torch.Tensor:
-        scores = self.encode(seq)[:, -1] @ self.item_emb.weight.T
-        scores[:, 0] = -torch.inf
-        return scores
+        return padding_scored(self.encode(seq)[:, -1] @ self.item_emb.weight.T, self.cfg.score_padding_item)
 
 
 class MostPopular(nn.Module):

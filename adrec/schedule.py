@@ -1,23 +1,23 @@
 """Noise schedules and the DDPM forward/reverse maths, kept out of the nn.Module.
 
 A `NoiseSchedule` is built from (name, T, a, b), computes its betas once in float64 and validates
-them: every beta must lie in (0, 1]. The verbs follow Ho et al. (2020), "Denoising Diffusion
-Probabilistic Models": `add_noise` is q(x_t | x_0) (eq. 4) and `step` samples the posterior
-q(x_{t-1} | x_t, x_0) (eqs. 6-7) with the model's x_0 prediction plugged in.
+them: every beta must lie in (0, 1]; the names are `adrec.config.NoiseScheduleName`. The verbs
+follow Ho et al. (2020), "Denoising Diffusion Probabilistic Models": `add_noise` is q(x_t | x_0)
+(eq. 4) and `step` samples the posterior q(x_{t-1} | x_t, x_0) (eqs. 6-7) with the model's x_0
+prediction plugged in.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, get_args
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from adrec.config import TrialConfig
+from adrec.config import NoiseScheduleName
 
-SCHEDULES = ("linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta")
+SCHEDULES: tuple[str, ...] = get_args(NoiseScheduleName)
 _MAX_BETA = 0.999
 
 
@@ -35,7 +35,8 @@ def _betas_for_alpha_bar(steps: int, alpha_bar: Callable[[float], float], left: 
 
 
 def make_betas(name: str, steps: int, beta_a: float = 0.3, beta_b: float = 10.0) -> np.ndarray:
-    """The authors' named schedules (DiffuRec/ADRec `get_named_beta_schedule`), plus `beta`.
+    """The authors' named schedules (ADRec's `get_named_beta_schedule`, `beta` included), plus
+    `beta_cdf`, this project's variant of a Beta-shaped schedule.
 
     Linear-type schedules scale with 1000/T as in improved-DDPM so that T steps cover the same
     noise range whatever T is; this is why small T pushes the betas above 1.
@@ -60,6 +61,13 @@ def make_betas(name: str, steps: int, beta_a: float = 0.3, beta_b: float = 10.0)
     if name == "trunc_cos":
         return _betas_for_alpha_bar(steps, lambda s: math.cos((s + 0.1) / 1.1 * math.pi / 2) ** 2, left=True)
     if name == "beta":
+        # The authors' schedule: ᾱ(s) = Beta-ppf(1 - s; a, b) on s = 0, 1/T, ..., 1, unclipped, so
+        # ᾱ reaches 0 and the last beta is exactly 1 (a=0.3, b=10, T=32: beta_0 = 0.836).
+        from scipy.stats import beta as beta_distribution
+
+        alpha_bar = beta_distribution.ppf(1.0 - np.linspace(0.0, 1.0, steps + 1), beta_a, beta_b)
+        return 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+    if name == "beta_cdf":
         # trunc_lin's range, but walked along the Beta(a, b) CDF instead of a straight line:
         # beta_i = start + (end - start) F(i / (T-1); a, b). a = b = 1 is exactly trunc_lin; a < 1
         # reaches strong noise early, b > a spends more steps near the end of the range.
@@ -92,10 +100,6 @@ class NoiseSchedule:
                 "outside (0, 1]; use more diffusion steps or another schedule"
             )
         return cls(name=name, steps=steps, betas=betas)
-
-    @classmethod
-    def from_config(cls, cfg: "TrialConfig") -> "NoiseSchedule":
-        return cls.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
 
     # float64 derived quantities (Ho et al. notation) --------------------------------------------
     @property

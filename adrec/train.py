@@ -2,10 +2,11 @@
 
 Stage 1 pre-trains the item embeddings with a SASRec-style CE run (no positional embedding) to
 early stopping; its result can be shared between trials through a cache (one writer per key).
-Stage 2 trains CAM and ADM on CE + MSE with the embeddings frozen (bitwise: they get no gradient
-and are not in the optimiser's reach); stage 3 trains everything. Stages 2 and 3 are one run of
-the authors' loop: one optimiser, one cosine schedule, an evaluation every `eval_every` epochs,
-early stopping after `patience` evaluations without improvement, the best model kept.
+Stage 2 trains CAM and ADM on CE + MSE with the embeddings frozen (no gradient; with the authors'
+`warmup_embedding='decayed'` Adam's weight decay still moves them, as their PCGrad wrapper lets
+it); stage 3 trains everything. Stages 2 and 3 are one run of the authors' loop: one optimiser,
+one cosine schedule, an evaluation every `eval_every` epochs, early stopping after `patience`
+evaluations without improvement, the best model kept.
 
 Each loop iteration runs in a fixed order: train one epoch -> step the LR schedule -> evaluate
 and checkpoint when due -> report -> stop when patience or the epoch budget runs out.
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adrec.batches import EvalSequences, TrainSequences, pack
+from adrec.batches import EvalSequences, Packed, TrainSequences, pack
 from adrec.config import TrialConfig
 from adrec.data import SplitData, load_dataset
 from adrec.metrics import METRIC_NAMES, RankingMetrics
@@ -77,9 +78,7 @@ def seed_everything(seed: int) -> None:
 
 
 def code_version() -> str:
-    """Git commit of this checkout (+'-dirty'), or ADREC_CODE_VERSION set by a sweep driver."""
-    if os.environ.get("ADREC_CODE_VERSION"):
-        return os.environ["ADREC_CODE_VERSION"]
+    """Git commit of this checkout (+'-dirty'), or 'unknown' outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
@@ -89,9 +88,10 @@ def code_version() -> str:
         return "unknown"
 
 
-def environment(device: torch.device) -> dict[str, str]:
+def environment(device: torch.device, version: str | None = None) -> dict[str, str]:
+    """Where a trial ran; `version` is the code version (default: this checkout's)."""
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"code_version": code_version(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"code_version": version or code_version(), "torch": torch.__version__, "python": platform.python_version(),
             "device": str(device), "accelerator": accelerator, "host": platform.node()}
 
 
@@ -130,13 +130,15 @@ class Splits:
         )
 
 
-def evaluate(model: nn.Module, split: EvalSequences, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Full-ranking HR@k / NDCG@k over all items, averaged over users."""
+def evaluate(model: nn.Module, split: EvalSequences, batch_size: int, device: torch.device,
+             full_width: bool = False) -> dict[str, float]:
+    """Full-ranking HR@k / NDCG@k over all items, averaged over users. `full_width` keeps every
+    batch padded to max_len (query-masked attention sees the padding, as in the authors' code)."""
     was_training = model.training
     model.eval()
     metrics = RankingMetrics()
     with torch.no_grad():
-        for seq, target in split.batches(batch_size):
+        for seq, target in split.batches(batch_size, full_width):
             metrics.update(model.score_all(seq.to(device)), target.to(device))
     model.train(was_training)
     return metrics.result()
@@ -160,9 +162,11 @@ class LoopState:
 
 
 def improved(cfg: TrialConfig, state: LoopState, metrics: dict[str, float]) -> bool:
-    """By `select_metric`, or as the authors do: any metric beat its own best so far."""
+    """By `select_metric`, or as the authors do: any metric beat its own best so far (they compare
+    percentages rounded to 4 decimals, strictly, against bests that start at 0)."""
     if cfg.selection == "any_metric":
-        better = [k for k, v in metrics.items() if v > state.best_per_metric.get(k, -math.inf)]
+        better = [k for k, v in metrics.items()
+                  if round(v * 100, 4) > round(state.best_per_metric.get(k, 0.0) * 100, 4)]
         for k in better:
             state.best_per_metric[k] = metrics[k]
         return bool(better)
@@ -175,8 +179,9 @@ def make_optimizer(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Opti
     return optimizer, scheduler
 
 
-def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
-    """PCGrad (Yu et al. 2020): project each task gradient off the others it conflicts with."""
+def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor], mean: bool = False) -> None:
+    """PCGrad (Yu et al. 2020): project each task gradient off the others it conflicts with, then
+    sum them (or average them: `mean`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for i, loss in enumerate(losses):
@@ -190,7 +195,7 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
             if j != i and dot < 0:
                 g -= dot / grads[j].pow(2).sum().clamp(min=1e-12) * grads[j]
         projected.append(g)
-    total = torch.stack(projected).sum(0)
+    total = torch.stack(projected).mean(0) if mean else torch.stack(projected).sum(0)
     offset = 0
     for p in params:
         n = p.numel()
@@ -198,11 +203,43 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor]) -> None:
         offset += n
 
 
+def backward(cfg: TrialConfig, model: nn.Module, ce: torch.Tensor, mse: torch.Tensor | None) -> None:
+    """Accumulate the gradients of CE and mse_weight * MSE into `.grad`, combined as the authors'
+    PCGrad wrapper does with `loss_combination='mean'` ((g_CE + w g_MSE) / 2, also without
+    projection) or summed; with `pcgrad`, projected first (the caller passes whole batches)."""
+    losses = [ce] if mse is None else [ce, cfg.mse_weight * mse]
+    mean = cfg.loss_combination == "mean"
+    if cfg.pcgrad and len(losses) > 1:
+        pcgrad_backward(model, losses, mean)
+    else:
+        (sum(losses) / (len(losses) if mean else 1)).backward()
+
+
+def optimizer_step(cfg: TrialConfig, optimizer: torch.optim.Optimizer) -> None:
+    """One optimiser step. With `warmup_embedding='decayed'`, as the authors' PCGrad wrapper, every
+    parameter without a gradient (the frozen warm-up embedding) first gets a zero one, so Adam's
+    weight decay still moves it; with 'frozen' Adam skips it and it stays bitwise unchanged."""
+    if cfg.warmup_embedding == "decayed":
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
+def train_rows(cfg: TrialConfig, seq: torch.Tensor, tgt: torch.Tensor) -> Packed:
+    """A batch's rows: its sequences packed end to end (key masking), or as given, one
+    left-padded sequence per row (query masking: padding is attended, so it stays)."""
+    if cfg.padding_mask == "query":
+        return Packed(seq, tgt, (tgt > 0).long())
+    return pack(seq, tgt)
+
+
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainSequences,
                 epoch_seed: int, device: torch.device, epoch: int | None = None) -> float:
     """One pass over the training sequences; returns the mean loss. Raises Diverged on blow-up.
 
-    Each batch is packed (short sequences share a row) and processed in micro-batches of at most
+    Each batch is packed (short sequences share a row; see `train_rows`) and processed in micro-batches of at most
     `cfg.max_tokens_per_step` positions whose gradients accumulate into one optimiser step; the
     parts are weighted so the step equals the full batch's (CE is a mean over positions, MSE a
     mean over sequences). `epoch_seed` fixes the batch order; `epoch` only names the epoch in
@@ -211,8 +248,9 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
     where = epoch if epoch is not None else epoch_seed
     total, count = 0.0, 0
     max_tokens = cfg.max_tokens_per_step if not cfg.pcgrad else 2**62  # PCGrad needs whole-batch task gradients
-    for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches):
-        packed = pack(seq, tgt)
+    full_width = cfg.padding_mask == "query"
+    for seq, tgt in train.batches(cfg.batch_size, cfg.seed, epoch_seed, cfg.bucketed_batches, full_width):
+        packed = train_rows(cfg, seq, tgt)
         optimizer.zero_grad(set_to_none=True)
         n_positions, n_sequences = int((packed.tgt > 0).sum()), packed.n_sequences
         batch_loss = 0.0
@@ -224,14 +262,11 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
             loss = ce if mse is None else ce + cfg.mse_weight * mse
             if not torch.isfinite(loss):
                 raise Diverged(f"training loss became {loss.item():.4g} at epoch {where}")
-            if cfg.pcgrad and mse is not None:
-                pcgrad_backward(model, [ce, cfg.mse_weight * mse])
-            else:
-                loss.backward()
+            backward(cfg, model, ce, mse)
             batch_loss += loss.item()
         if batch_loss > DIVERGED_LOSS:
             raise Diverged(f"training loss became {batch_loss:.4g} at epoch {where}")
-        optimizer.step()
+        optimizer_step(cfg, optimizer)
         total += batch_loss * n_sequences
         count += n_sequences
     return total / max(count, 1)
@@ -268,7 +303,8 @@ class Loop:
             bar.update(1)
             bar.set_postfix(loss=f"{self.state.last_loss:.3f}", best=f"{max(self.state.best_value, 0):.4f}")
             if epoch % self.cfg.eval_every == 0 or epoch == self.max_epochs:
-                metrics = evaluate(self.model, self.splits.val, self.cfg.eval_batch_size, self.device)
+                metrics = evaluate(self.model, self.splits.val, self.cfg.eval_batch_size, self.device,
+                                   self.cfg.padding_mask == "query")
                 if improved(self.cfg, self.state, metrics):
                     self.state.best_value = metrics[self.cfg.select_metric]
                     self.state.best_metrics = metrics
@@ -323,12 +359,13 @@ class _NoBar:
 # ---------------------------------------------------------------------------------------------
 STAGE1_FIELDS = ("dataset", "max_users", "seed", "hidden_size", "cam_blocks", "heads", "max_len", "dropout",
                  "emb_dropout", "lr", "weight_decay", "cosine_t_max", "batch_size", "bucketed_batches",
-                 "stage1_epochs", "eval_every", "patience", "selection", "select_metric")
+                 "stage1_epochs", "eval_every", "patience", "selection", "select_metric", "padding_mask",
+                 "score_padding_item")
 
 
 def stage1_key(cfg: TrialConfig, data: SplitData) -> str:
     values = {name: getattr(cfg, name) for name in STAGE1_FIELDS}
-    values["data"] = data.fingerprint() if hasattr(data, "fingerprint") else data.source
+    values["data"] = data.source
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -369,16 +406,21 @@ def cached_stage1(cfg: TrialConfig, data: SplitData, splits: Splits, device: tor
 # fit
 # ---------------------------------------------------------------------------------------------
 def fit(cfg: TrialConfig, report: Reporter | None = None, *, resume_from: str | Path | None = None,
-        stage1_cache: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Train one trial end to end and return its record (see README, "The result record")."""
+        stage1_cache: str | Path | None = None, progress: bool = False,
+        code_version: str | None = None) -> dict[str, Any]:
+    """Train one trial end to end and return its record (see README, "The result record").
+    `code_version` names the code in the record (a sweep passes its driver's checkout; default:
+    `git describe` of this one)."""
     device = resolve_device(cfg.device)
     flush_denormals(device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the authors' trainer
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
     splits = Splits.build(data, cfg.max_len)
     result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
                               "epochs": {"stage1": 0, "stage2": 0, "stage3": 0},
                               "seconds": {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0},
-                              "env": environment(device)}
+                              "env": environment(device, code_version)}
     if cfg.model == "most_popular":
         return _fit_most_popular(cfg, data, splits, device, result, report)
     if cfg.model == "sasrec":
@@ -433,8 +475,8 @@ def _fit_adrec(cfg, data, splits, device, result, report, resume_from, cache, pr
         stage1 = {"epochs": 0, "seconds": 0.0, "val": {}}
 
     def freeze_for(epoch: int) -> None:
-        # The embedding leaves autograd during the warm-up: no gradient, so neither Adam's update
-        # nor its weight decay can touch it (the authors' decay still moves frozen embeddings).
+        # The embedding leaves autograd during the warm-up; what Adam then does with it is
+        # `warmup_embedding`'s choice (optimizer_step).
         model.item_emb.weight.requires_grad_(epoch > s2)
 
     loop = Loop(cfg, model, splits, device, s2 + s3, stage_of_epoch=lambda e: 2 if e <= s2 else 3,
@@ -481,7 +523,7 @@ def _run_and_finish(cfg, loop: Loop, splits, device, result, report, progress, l
         return result
     loop.restore_best()
     result["val"] = loop.state.best_metrics
-    result["test"] = evaluate(loop.model, splits.test, cfg.eval_batch_size, device)
+    result["test"] = evaluate(loop.model, splits.test, cfg.eval_batch_size, device, cfg.padding_mask == "query")
     return result
 
 

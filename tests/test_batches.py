@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from adrec.batches import EvalSequences, best_fit, left_pad, length_groups, pack
+from adrec.batches import EvalSequences, TrainSequences, best_fit, left_pad, length_groups, pack
 
 
 def test_length_groups_respect_rows_tokens_and_fill() -> None:
@@ -27,6 +27,22 @@ def test_eval_batches_hold_every_user_once_with_little_padding() -> None:
         for row, t in zip(seq, target.tolist()):
             seen[t] = [int(x) for x in row[row > 0]]
     assert seen == {t: h for t, h in zip(targets, histories)}
+
+
+def test_full_width_batches_keep_every_padding_column() -> None:
+    """Query-masked attention sees the padding, so its batches stay padded to max_len (as the
+    authors'); the default trims them to their longest sequence. Same users either way."""
+    histories = [[1 + (u + j) % 50 for j in range(2 + u % 7)] for u in range(40)]
+    train = TrainSequences.build(histories, max_len=12)
+    trimmed = list(train.batches(16, seed=0, epoch=1))
+    full = list(train.batches(16, seed=0, epoch=1, full_width=True))
+    assert all(s.shape[1] == 12 for s, _ in full) and any(s.shape[1] < 12 for s, _ in trimmed)
+    for (s, t), (fs, ft) in zip(trimmed, full):
+        assert torch.equal(fs[:, -s.shape[1]:], s) and torch.equal(ft[:, -t.shape[1]:], t)
+        assert not fs[:, :-s.shape[1]].any()
+    split = EvalSequences.build(histories, list(range(1, 41)), max_len=12)
+    pairs = zip(split.batches(16), split.batches(16, full_width=True))
+    assert all(fs.shape[1] == 12 and torch.equal(fs[:, -s.shape[1]:], s) for (s, _), (fs, _) in pairs)
 
 
 def test_best_fit_decreasing_puts_each_length_where_it_fits_tightest() -> None:

@@ -222,8 +222,8 @@ def test_stage_epochs_keep_the_total_budget(plan: str, expected: tuple) -> None:
 
 
 def test_stage_epochs_of_the_authors_defaults() -> None:
-    assert TrialConfig().stage_epochs() == (200, 5, 495)
-    assert sum(TrialConfig(stage_plan="no_pretrain").stage_epochs()) == 700
+    assert TrialConfig().stage_epochs() == (500, 5, 495)
+    assert sum(TrialConfig(stage_plan="no_pretrain").stage_epochs()) == 1000
 
 
 @pytest.mark.parametrize("model", ["sasrec", "most_popular"], ids=str)

@@ -1,8 +1,11 @@
 """adrec.model: one contract swept over every valid aggregation × positional encoding × denoiser.
 
 Causality is tested on the two verbs the trainer uses (`encode`, then `adm` on fixed t and x_t) in
-eval mode, and the cached last-token sampler is compared with the naive full recompute, after every
-parameter is randomised (adaLN's modulation starts at zero, which would hide a wrong cache).
+eval mode, and the cached last-token sampler is compared with the naive full recompute. The
+equivalence tests run twice: with every parameter drawn from N(0, 0.1) (adaLN's modulation starts
+at zero, which would hide a wrong cache) and at the model's real initialisation (xavier attention,
+unit LayerNorm gains, N(0, 1) embeddings), where attention is far from uniform, so a wrong mask
+or position shows.
 """
 from __future__ import annotations
 
@@ -41,10 +44,14 @@ def test_every_valid_variant_is_swept() -> None:
     assert len(VARIANTS) == 24  # 4 × 4 transformer + (linear, concat) × 4 mlp
 
 
+INITS = ["n01", "real"]
+
+
 def make_model(variant: tuple[str, str, str], randomise: bool = True, seed: int = 0, **changes) -> ADRec:
     """An eval-mode ADRec; `randomise` draws every parameter from N(0, 0.1) so zero-initialised parts
-    (adaLN modulation, padding row) cannot hide a bug. Tests that look for x_t's influence pass a
-    large lambda_uncertainty: the authors' 1e-3 makes it too small to see."""
+    (adaLN modulation, padding row) cannot hide a bug; `randomise=False` keeps the real initialisation.
+    Tests that look for x_t's influence pass a large lambda_uncertainty: the authors' 1e-3 makes it
+    too small to see."""
     agg, pe, den = variant
     cfg = TrialConfig(aggregation=agg, positional_encoding=pe, denoiser=den, **{**TINY, **changes})
     torch.manual_seed(seed)
@@ -171,11 +178,12 @@ def test_changing_item_j_leaves_earlier_outputs_unchanged(variant, j: int) -> No
     assert (x0_hat3[:, j] - x0_hat[:, j]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_padding_content_and_amount_do_not_change_valid_outputs(variant) -> None:
+def test_padding_content_and_amount_do_not_change_valid_outputs(variant, init: str) -> None:
     """The padded positions' ids, embedding row 0, noisy targets and extra leading padding columns
     (what batch trimming changes) leave every valid position's output unchanged."""
-    model = make_model(variant, lambda_uncertainty=0.5)
+    model = make_model(variant, randomise=init == "n01", lambda_uncertainty=0.5)
     seq = batch(seed=5, l=9)
     valid = seq > 0
     x_t, t = _fixed_inputs(seq)
@@ -199,11 +207,12 @@ def test_padding_content_and_amount_do_not_change_valid_outputs(variant) -> None
     torch.testing.assert_close(x0_hat3[:, pad:][valid], x0_hat[valid], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_packed_rows_give_every_token_its_unpacked_output(variant) -> None:
+def test_packed_rows_give_every_token_its_unpacked_output(variant, init: str) -> None:
     """Several sequences sharing a row (batches.pack) see only themselves: each token's history
     encoding and denoiser output equal those of the left-padded batch."""
-    model = make_model(variant, lambda_uncertainty=0.5)
+    model = make_model(variant, randomise=init == "n01", lambda_uncertainty=0.5)
     seq = batch(seed=11, b=6, l=9)
     valid = seq > 0
     x_t, t = _fixed_inputs(seq)
@@ -224,10 +233,11 @@ def test_packed_rows_give_every_token_its_unpacked_output(variant) -> None:
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_scores_do_not_depend_on_the_batchs_padding(variant) -> None:
+def test_scores_do_not_depend_on_the_batchs_padding(variant, init: str) -> None:
     """A user's scores with fixed noise are the same alone or trimmed into a longer batch."""
-    model = make_model(variant, lambda_uncertainty=0.5)
+    model = make_model(variant, randomise=init == "n01", lambda_uncertainty=0.5)
     seq = batch(seed=6, l=9)
     noise = torch.randn(model.steps + 1, seq.shape[0], TINY["hidden_size"], generator=torch.Generator().manual_seed(0))
     together = model.score_all(seq, noise=noise)
@@ -252,10 +262,12 @@ def test_segment_layout_hides_future_padding_and_other_sequences() -> None:
 
 
 # --- the cached sampler -------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["key", "query"])
+@pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("length", [1, 9], ids=lambda l: f"L{l}")
-def test_cached_sampler_equals_naive_recompute(variant, length: int) -> None:
-    model = make_model(variant, lambda_uncertainty=0.5, seed=7)
+def test_cached_sampler_equals_naive_recompute(variant, length: int, init: str, mode: str) -> None:
+    model = make_model(variant, randomise=init == "n01", lambda_uncertainty=0.5, seed=7, padding_mask=mode)
     seq = batch(seed=7, l=length)
     noise = torch.randn(model.steps + 1, seq.shape[0], TINY["hidden_size"], generator=torch.Generator().manual_seed(1))
     fast = model.score_all(seq, noise=noise)
@@ -281,13 +293,19 @@ def test_score_all_without_noise_is_random_but_seeded() -> None:
 
 # --- scores of every recommender ----------------------------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
-def test_padding_id_is_never_recommended(variant) -> None:
+def test_padding_id_is_scored_as_the_authors_or_never_recommended(variant) -> None:
     model = make_model(variant, randomise=False)
     seq = batch(seed=9)
+    torch.manual_seed(0)
+    scored = model.score_all(seq)
+    assert model.cfg.score_padding_item  # the authors' default: column 0 ranks with the items
+    assert scored.shape == (seq.shape[0], N_ITEMS + 1) and torch.isfinite(scored).all()
+    torch.testing.assert_close(scored[:, 0], torch.zeros(seq.shape[0]))  # E[0] = 0 at initialisation
+    model = make_model(variant, randomise=False, score_padding_item=False)
+    torch.manual_seed(0)
     scores = model.score_all(seq)
-    assert scores.shape == (seq.shape[0], N_ITEMS + 1)
     assert torch.all(scores[:, 0] == -torch.inf)
-    assert torch.isfinite(scores[:, 1:]).all()
+    assert torch.equal(scores[:, 1:], scored[:, 1:])
     assert torch.all(scores.topk(N_ITEMS, dim=1).indices > 0)
 
 
@@ -299,7 +317,7 @@ def test_sasrec_scores_and_loss() -> None:
     seq = batch(seed=10)
     scores = model.eval().score_all(seq)
     assert scores.shape == (seq.shape[0], N_ITEMS + 1)
-    assert torch.all(scores[:, 0] == -torch.inf) and torch.isfinite(scores[:, 1:]).all()
+    assert torch.isfinite(scores).all()  # column 0 scored too, as the authors' SASRec
     tgt = torch.where(seq > 0, torch.randint(1, N_ITEMS + 1, seq.shape), torch.zeros_like(seq))
     loss, parts = model.train().loss(seq, tgt)
     assert torch.isfinite(loss) and set(parts) == {"ce"}

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import math
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
+from scipy.stats import beta as beta_distribution
 
-from adrec.config import TrialConfig
+import adrec.schedule
+from adrec.config import NoiseScheduleName, TrialConfig
 from adrec.schedule import SCHEDULES, NoiseSchedule, make_betas
 
 torch.set_num_threads(1)  # tiny tensors: extra threads only contend with the other test processes
@@ -17,8 +21,10 @@ CASES = [(name, t) for name in SCHEDULES for t in STEPS]
 CASE_IDS = [f"{name}-T{t}" for name, t in CASES]
 
 
-def test_the_seven_schedules_are_named() -> None:
-    assert set(SCHEDULES) == {"linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta"}
+def test_the_eight_schedules_are_named_once_in_the_config() -> None:
+    assert SCHEDULES == get_args(NoiseScheduleName)
+    assert set(SCHEDULES) == {"linear", "cosine", "sqrt", "trunc_lin", "trunc_cos", "pw_lin", "beta", "beta_cdf"}
+    assert not hasattr(adrec.schedule, "TrialConfig")  # schedules are built from (name, T, a, b)
 
 
 @pytest.mark.parametrize("name, steps", CASES, ids=CASE_IDS)
@@ -51,16 +57,32 @@ def test_linear_and_trunc_lin_endpoints(steps: int) -> None:
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=lambda t: f"T{t}")
-def test_beta_schedule_with_a_b_one_is_trunc_lin(steps: int) -> None:
-    np.testing.assert_allclose(make_betas("beta", steps, 1.0, 1.0), make_betas("trunc_lin", steps),
+def test_beta_cdf_schedule_with_a_b_one_is_trunc_lin(steps: int) -> None:
+    np.testing.assert_allclose(make_betas("beta_cdf", steps, 1.0, 1.0), make_betas("trunc_lin", steps),
                                rtol=1e-12, atol=0)
 
 
-def test_beta_schedule_shape_follows_a_and_b() -> None:
-    # a < 1, b > 1 (authors' 0.3, 10): the range is mostly covered in the first steps.
-    fast, uniform = make_betas("beta", 32, 0.3, 10.0), make_betas("beta", 32, 1.0, 1.0)
+def test_beta_cdf_schedule_shape_follows_a_and_b() -> None:
+    # a < 1, b > 1: the range is mostly covered in the first steps.
+    fast, uniform = make_betas("beta_cdf", 32, 0.3, 10.0), make_betas("beta_cdf", 32, 1.0, 1.0)
     assert fast[0] == uniform[0] and fast[-1] == pytest.approx(uniform[-1], rel=1e-12)
     assert np.all(fast[1:-1] > uniform[1:-1])
+
+
+@pytest.mark.parametrize("a, b", [(0.3, 10.0), (1.0, 1.0), (2.0, 5.0)], ids=str)
+@pytest.mark.parametrize("steps", STEPS, ids=lambda t: f"T{t}")
+def test_beta_schedule_is_the_authors_beta_ppf(steps: int, a: float, b: float) -> None:
+    """ᾱ_i = Beta-ppf(1 - (i + 1)/T; a, b): unclipped, so ᾱ ends at 0 and the last beta is 1."""
+    sched = NoiseSchedule.build("beta", steps, a, b)
+    expected = beta_distribution.ppf(1 - np.arange(1, steps + 1) / steps, a, b)
+    np.testing.assert_allclose(sched.alphas_cumprod, expected, rtol=1e-9, atol=1e-12)
+    assert sched.betas[-1] == 1.0
+    if (a, b) == (1.0, 1.0):  # ᾱ = 1 - s: beta_i = 1 / (T - i)
+        np.testing.assert_allclose(sched.betas, 1 / (steps - np.arange(steps)), rtol=1e-12)
+
+
+def test_beta_schedule_defaults_start_with_strong_noise() -> None:
+    assert make_betas("beta", 32, 0.3, 10.0)[0] == pytest.approx(0.836294, abs=1e-6)
 
 
 def _cos_ab(s: float, offset: float) -> float:
@@ -106,7 +128,7 @@ def test_pw_lin_pieces(steps: int) -> None:
 
 @pytest.mark.parametrize(
     "name, steps",
-    [("linear", 19), ("trunc_lin", 20), ("trunc_lin", 10), ("pw_lin", 19), ("pw_lin", 10), ("beta", 20)],
+    [("linear", 19), ("trunc_lin", 20), ("trunc_lin", 10), ("pw_lin", 19), ("pw_lin", 10), ("beta_cdf", 20)],
     ids=lambda v: str(v),
 )
 def test_invalid_schedule_and_t_are_rejected_naming_both(name: str, steps: int) -> None:
@@ -123,10 +145,10 @@ def test_unknown_schedule_and_too_few_steps() -> None:
         NoiseSchedule.build("cosine", 1)
 
 
-def test_from_config_uses_the_configs_schedule() -> None:
-    cfg = TrialConfig(noise_schedule="beta", diffusion_steps=40, beta_a=2.0, beta_b=3.0)
-    sched = NoiseSchedule.from_config(cfg)
-    np.testing.assert_array_equal(sched.betas, make_betas("beta", 40, 2.0, 3.0))
+def test_the_config_validates_its_schedule() -> None:
+    TrialConfig(noise_schedule="beta", diffusion_steps=40, beta_a=2.0, beta_b=3.0)
+    with pytest.raises(ValueError, match=r"noise_schedule='beta_cdf' with diffusion_steps=20"):
+        TrialConfig(noise_schedule="beta_cdf", diffusion_steps=20)
 
 
 # --- the DDPM verbs -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""adrec.train.fit: frozen warm-up, checkpoint/resume, divergence, the stage-1 cache, baselines and
+"""adrec.train.fit: the warm-up embedding, model selection, gradient combination, checkpoint/resume, divergence, the stage-1 cache, baselines and
 an end-to-end run that must learn a Markov chain.
 
 Everything runs on a seeded synthetic sequence file written into a tmp dir: a few hundred users,
@@ -19,7 +19,7 @@ import torch
 
 from adrec.config import TrialConfig
 from adrec.data import load_dataset
-from adrec.train import CHECKPOINT_FILE, fit, pcgrad_backward
+from adrec.train import CHECKPOINT_FILE, LoopState, fit, improved, pcgrad_backward
 
 torch.set_num_threads(1)  # tiny models: extra threads only contend with the other test processes
 
@@ -91,8 +91,10 @@ def assert_metrics(metrics: dict[str, float]) -> None:
     "changes",
     [{"stage_plan": "three_stage", "stage2_epochs": 1, "stage3_epochs": 1},
      {"stage_plan": "no_warmup", "stage2_epochs": 1, "stage3_epochs": 1},
-     {"stage_plan": "no_pretrain", "stage2_epochs": 1, "stage3_epochs": 0, "pcgrad": True}],
-    ids=["three_stage", "no_warmup", "no_pretrain-pcgrad"],
+     {"stage_plan": "no_pretrain", "stage2_epochs": 1, "stage3_epochs": 0, "pcgrad": True},
+     {"stage_plan": "three_stage", "stage2_epochs": 1, "stage3_epochs": 1, "padding_mask": "query",
+      "selection": "metric"}],
+    ids=["three_stage", "no_warmup", "no_pretrain-pcgrad", "query-mask-one-metric"],
 )
 def test_fit_record_and_reports(small_file: Path, changes: dict) -> None:
     cfg = tiny(small_file, **changes)
@@ -113,23 +115,61 @@ def test_fit_record_and_reports(small_file: Path, changes: dict) -> None:
         assert not any(k.startswith("test") for k in p)
         assert {f"val_{k}" for k in result["val"]} <= set(p)
         assert math.isfinite(p["loss"]) and p["loss"] > 0
-    best = max(rec.payloads, key=lambda p: p["val_NDCG@20"])
-    assert rec.payloads[-1]["objective"] == pytest.approx(best["val_NDCG@20"])
-    assert result["val"]["NDCG@20"] == pytest.approx(best["val_NDCG@20"])
+    kept = rec.by_epoch()[result["best_epoch"]]  # the selected model's own evaluation
+    assert result["val"] == pytest.approx({k[4:]: v for k, v in kept.items() if k.startswith("val_")})
+    assert rec.payloads[-1]["objective"] == pytest.approx(kept["val_NDCG@20"])
+    if cfg.selection == "metric":
+        assert kept["val_NDCG@20"] == max(p["val_NDCG@20"] for p in rec.payloads)
+    assert result["env"]["code_version"]  # git describe of this checkout by default
+
+
+def test_fit_records_the_code_version_it_is_given(small_file: Path) -> None:
+    result = fit(tiny(small_file, model="most_popular"), code_version="driver-abc123")
+    assert result["env"]["code_version"] == "driver-abc123"
+
+
+# --- model selection ----------------------------------------------------------------------------
+def test_any_metric_selection_is_the_authors_strict_rounded_comparison() -> None:
+    cfg = TrialConfig()
+    assert cfg.selection == "any_metric"  # the authors' default
+    state = LoopState()
+    first = {"HR@5": 0.1, "HR@10": 0.2, "HR@20": 0.3, "NDCG@5": 0.05, "NDCG@10": 0.06, "NDCG@20": 0.07}
+    assert improved(cfg, state, first)
+    assert not improved(cfg, state, dict(first))  # equal is not better
+    assert not improved(cfg, state, {**first, "HR@20": 0.3 + 4e-9})  # below the authors' rounding (1e-6)
+    assert improved(cfg, state, {**first, "HR@5": 0.0, "NDCG@20": 0.0701})  # one metric is enough
+    assert not improved(cfg, state, {**first, "NDCG@20": 0.0701})  # ... and it became the new best
+    assert not improved(cfg, LoopState(), {k: 0.0 for k in first})  # bests start at 0, as theirs
+    one = cfg.replace(selection="metric")
+    state = LoopState(best_value=0.07)
+    assert not improved(one, state, {**first, "HR@5": 0.9}) and improved(one, state, {**first, "NDCG@20": 0.08})
 
 
 # --- stages 2 and 3 -----------------------------------------------------------------------------
-def test_warmup_keeps_item_embeddings_bitwise_frozen_and_stage3_moves_them(small_file: Path, tmp_path: Path) -> None:
-    # weight_decay=0.1 and a high lr: Adam's decoupled decay would move a frozen-but-reachable table.
-    cfg = tiny(small_file, weight_decay=0.1, lr=1e-2, stage1_epochs=1, stage2_epochs=2, stage3_epochs=1)
+@pytest.mark.parametrize("mode", ["frozen", "decayed"])
+def test_warmup_embedding_frozen_or_decayed_and_stage3_moves_it(small_file: Path, tmp_path: Path, mode: str) -> None:
+    """'frozen': bitwise unchanged through the warm-up. 'decayed' (the authors): only Adam's weight
+    decay moves it, by at most lr per step and entry (Adam's step is bounded by lr), row 0 too."""
+    # weight_decay=0.1 and a high lr: Adam's weight decay would move a frozen-but-reachable table.
+    cfg = tiny(small_file, weight_decay=0.1, lr=1e-2, stage1_epochs=1, stage2_epochs=2, stage3_epochs=1,
+               warmup_embedding=mode)
     rec = Recorder(keep_model=True)
     fit(cfg, report=rec, stage1_cache=tmp_path / "cache")
     (cached,) = (tmp_path / "cache").glob("*.pt")
     pretrained = torch.load(cached, map_location="cpu", weights_only=False)["embedding"]
     emb = {e: rec.models[e]["item_emb.weight"] for e in (1, 2, 3)}
-    assert torch.equal(emb[1], pretrained)
-    assert torch.equal(emb[2], pretrained)
-    assert (emb[3] - pretrained).abs().max() > 1e-4
+    if mode == "frozen":
+        assert torch.equal(emb[1], pretrained)
+        assert torch.equal(emb[2], pretrained)
+    else:
+        steps = 2  # 120 users, batch 64: two optimiser steps per epoch
+        for epoch in (1, 2):
+            moved = (emb[epoch] - pretrained).abs()
+            assert 0.5 * cfg.lr < moved.max() <= epoch * steps * cfg.lr * 1.0001
+            # Weight decay pulls every entry towards 0 (entries smaller than the steps may overshoot it).
+            big = pretrained.abs() > epoch * steps * cfg.lr
+            assert big.sum() > 100 and torch.all(emb[epoch].abs()[big] < pretrained.abs()[big])
+    assert (emb[3] - emb[2]).abs().max() > 1e-4
     # The rest of the model did train during the warm-up.
     cam = [k for k in rec.models[1] if k.startswith("cam.") and k.endswith("weight")][0]
     assert (rec.models[2][cam] - rec.models[1][cam]).abs().max() > 1e-4
@@ -314,8 +354,9 @@ def test_end_to_end_learns_a_markov_chain(tmp_path: Path, plan: str) -> None:
     assert hr20 <= 0.97
 
 
+@pytest.mark.parametrize("mode", ["key", "query"])
 @pytest.mark.parametrize("max_tokens", [300, 1000], ids=["many-micro-batches", "few-micro-batches"])
-def test_micro_batches_give_the_full_batch_step(max_tokens):
+def test_micro_batches_give_the_full_batch_step(max_tokens, mode: str):
     """Gradient accumulation over micro-batches must equal one step on the whole batch (CE is a mean
     over positions, so each micro-batch is weighted by its share of them)."""
     from adrec.data import load_dataset
@@ -326,7 +367,8 @@ def test_micro_batches_give_the_full_batch_step(max_tokens):
     splits = Splits.build(data, 50)
     results = []
     for tokens in (10**9, max_tokens):
-        cfg = TrialConfig(hidden_size=16, dropout=0.0, emb_dropout=0.0, batch_size=64, max_tokens_per_step=tokens)
+        cfg = TrialConfig(hidden_size=16, dropout=0.0, emb_dropout=0.0, batch_size=64, max_tokens_per_step=tokens,
+                          padding_mask=mode)
         torch.manual_seed(0)
         model = SASRec(cfg, data.num_items)
         optimizer, _ = make_optimizer(cfg, model)
@@ -335,6 +377,30 @@ def test_micro_batches_give_the_full_batch_step(max_tokens):
     (full_loss, full_params), (micro_loss, micro_params) = results
     assert abs(full_loss - micro_loss) < 1e-5
     assert (full_params - micro_params).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("pcgrad", [False, True], ids=["plain", "pcgrad"])
+def test_mean_combination_is_half_the_summed_gradient(pcgrad: bool) -> None:
+    """The authors average the CE and MSE gradients: exactly half the sum, parameter by parameter."""
+    from adrec.model import ADRec
+    from adrec.train import backward
+
+    grads = {}
+    for combination in ("mean", "sum"):
+        cfg = TrialConfig(hidden_size=16, heads=2, max_len=10, dropout=0.0, emb_dropout=0.0, pcgrad=pcgrad,
+                          lambda_uncertainty=0.5, loss_combination=combination)
+        torch.manual_seed(0)
+        model = ADRec(cfg, 30).train()
+        seq = torch.randint(1, 31, (6, 10))
+        seq[3:, :4] = 0
+        torch.manual_seed(1)
+        out = model.forward_train(seq[:, :-1], seq[:, 1:] * (seq[:, :-1] > 0))
+        backward(cfg, model, out.ce, out.mse)
+        grads[combination] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert TrialConfig().loss_combination == "mean"
+    for name, g in grads["sum"].items():
+        torch.testing.assert_close(grads["mean"][name], g / 2, rtol=1e-5, atol=1e-9)
+    assert max(float(g.abs().max()) for g in grads["sum"].values()) > 1e-2
 
 
 def test_packed_rows_give_the_unpacked_loss() -> None:
