@@ -20,7 +20,7 @@ from adrec.config import TrialConfig
 from adrec.data import load_dataset
 from adrec.model import ADRec, SASRec
 from adrec.train import (Splits, environment, evaluate, flush_denormals, make_optimizer, resolve_device,
-                         seed_everything, train_epoch)
+                         seed_everything, train_epoch, use_tf32)
 
 
 def peak_rss_mb() -> float:
@@ -60,12 +60,13 @@ def _count_flops(cfg: TrialConfig, model, splits: Splits, device, epoch: int) ->
 
 
 def _time_eval(cfg: TrialConfig, model, splits: Splits, device, passes: int) -> tuple[list[float], dict[str, float]]:
-    evaluate(model, splits.val, cfg.eval_batch_size, device)  # warm-up
+    full_width = cfg.padding_mask == "query"  # as fit evaluates
+    evaluate(model, splits.val, cfg.eval_batch_size, device, full_width)  # warm-up
     times, metrics = [], {}
     for _ in range(passes):
         _sync(device)
         start = time.perf_counter()
-        metrics = evaluate(model, splits.val, cfg.eval_batch_size, device)
+        metrics = evaluate(model, splits.val, cfg.eval_batch_size, device, full_width)
         _sync(device)
         times.append(time.perf_counter() - start)
     return times, metrics
@@ -77,6 +78,7 @@ def run_bench(cfg: TrialConfig, epochs: int = 2, warmup: int = 1, eval_passes: i
         raise ValueError(f"bench needs epochs >= 1 and warmup >= 0; got epochs={epochs}, warmup={warmup}")
     device = resolve_device(cfg.device)
     flush_denormals(device)
+    use_tf32(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)

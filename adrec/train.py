@@ -71,6 +71,12 @@ def flush_denormals(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
+def use_tf32(device: torch.device) -> None:
+    """TF32 matmuls on GPU, as the authors' trainer (`torch.set_float32_matmul_precision('high')`)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -413,8 +419,7 @@ def fit(cfg: TrialConfig, report: Reporter | None = None, *, resume_from: str | 
     `git describe` of this one)."""
     device = resolve_device(cfg.device)
     flush_denormals(device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the authors' trainer
+    use_tf32(device)
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
     splits = Splits.build(data, cfg.max_len)
     result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
