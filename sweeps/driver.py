@@ -5,6 +5,10 @@ Decision: one Tuner per phase, run one after another; inside the optimise Tuner 
 Why: early stopping and TPE stay strictly per dataset, yet trials of every dataset share the
 cluster in one queue (no idle tail while the last trial of one dataset's Tuner finishes), and a
 phase is one experiment folder that `Tuner.restore` resumes as a whole.
+
+The sweep folder is a `sweeps.storage.SweepStore`: the driver's own files live in `store.local`
+(uploaded after each write when the folder is a URI), the experiments in `store.experiments`.
+A storage failure (full, read-only, vanished) stops the sweep like Ctrl-C, with the --resume line.
 """
 from __future__ import annotations
 
@@ -22,22 +26,24 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import optuna
 from ray import tune
-from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import FIFOScheduler
 
-from sweeps.plan import PHASES, Plan, SweepError, dataset_key, write_json
-from sweeps.progress import SweepProgress, best_table
-from sweeps.searchers import (RUNTIME_FILE, JobSearcher, PerDatasetASHA, StudySearcher, journal_storage,
+from adrec.record import FINISHED, PHASES, TABLE_FILE, dataset_key, write_json, write_table
+from sweeps import storage
+from sweeps.plan import Plan, SweepError
+from sweeps.progress import SweepProgress, SweepTensorBoard, best_table
+from sweeps.searchers import (JOURNAL, RUNTIME_FILE, JobSearcher, PerDatasetASHA, StudySearcher, journal_storage,
                               reconcile_studies)
-from sweeps.table import TABLE_FILE, build_rows, quiet_analysis, versions, write_table
-from sweeps.trainable import FAULT_ENV, FINISHED, METRIC, MODE, TrialContext, run_trial
+from sweeps.storage import EXIT_INTERRUPTED, EXIT_STORAGE, SweepStore, resume_command, storage_failure
+from sweeps.table import build_rows, quiet_analysis, versions
+from sweeps.trainable import FAULT_ENV, METRIC, MODE, TrialContext, run_trial
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger("sweeps.driver")
-JOURNAL = "studies.journal"
 NUM_SAMPLES_CAP = 10**9  # the searchers decide when a phase is done (Searcher.FINISHED)
+TIME_BUDGET = "the time budget is spent"
 
 
 def trial_dirname(trial: Any) -> str:
@@ -51,42 +57,54 @@ def trial_name(trial: Any) -> str:
 
 
 class Driver:
-    def __init__(self, plan: Plan, sweep_dir: Path, args: argparse.Namespace) -> None:
-        self.plan, self.dir, self.args = plan, sweep_dir, args
+    def __init__(self, plan: Plan, store: SweepStore, args: argparse.Namespace) -> None:
+        self.plan, self.store, self.args = plan, store, args
+        self.dir = store.local
         self.env = versions()
-        self.ctx = TrialContext(stage1_cache=str(sweep_dir / "stage1_cache"),
-                                fault_once=os.environ.get(FAULT_ENV) or None,
+        self.ctx = TrialContext(stage1_cache=store.stage1_cache(), fault_once=os.environ.get(FAULT_ENV) or None,
                                 code_version=self.env["code_version"])
         self.deadline = time.time() + args.time_budget if args.time_budget else None
         self.study_names = {ds: f"{plan.name}/{dataset_key(ds)}" for ds in plan.datasets}
         self._in_fit = False
         self._signalled: str | None = None
+        storage.activate(store)
 
     # --- the whole sweep -------------------------------------------------------------------------
     def run(self, resumed: bool) -> int:
-        write_json(self.dir / RUNTIME_FILE, {"max_concurrent": self.args.max_concurrent, "quiet": self.args.quiet,
-                                             "started": time.time(), "pid": os.getpid()})
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._quiet_ray()
-        self._say(f"sweep {self.plan.name!r}: {self.plan.total()} trials on {len(self.plan.datasets)} dataset(s) "
-                  f"in {self.dir}" + (" (resuming)" if resumed else ""))
-        if resumed:
-            self.rebuild_table()
-        with self._signals():
-            try:
-                for phase in PHASES:
-                    if (self.dir / f"{phase}.done").exists():
-                        continue
-                    if self.deadline and time.time() >= self.deadline:
-                        return self._stopped("the time budget is spent")
-                    self._say(f"phase {phase}")
-                    if not self.run_phase(phase):
-                        return self._stopped(self._signalled or "interrupted")
-                    (self.dir / f"{phase}.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
-            except KeyboardInterrupt:
-                return self._stopped("interrupted")
-        df = self.rebuild_table()
-        self._say(f"finished: {len(df)} trials in {self.dir / TABLE_FILE}")
+        try:
+            self._remove_leftovers()
+            self.write_json(RUNTIME_FILE, {"max_concurrent": self.args.max_concurrent, "quiet": self.args.quiet,
+                                           "started": time.time(), "pid": os.getpid(), "total": self.plan.total()})
+            self._say(f"sweep {self.plan.name!r}: {self.plan.total()} trials on {len(self.plan.datasets)} "
+                      f"dataset(s) in {self.store.describe()}" + (" (resuming)" if resumed else ""))
+            if resumed:
+                self.rebuild_table()
+            with self._signals():
+                try:
+                    for phase in PHASES:
+                        if self.store.path(f"{phase}.done").exists():
+                            continue
+                        if self.deadline and time.time() >= self.deadline:
+                            return self._stopped(TIME_BUDGET)
+                        self._say(f"phase {phase}")
+                        done = self.run_phase(phase)
+                        if self.store.failed:
+                            return self._stopped(f"storage: {self.store.failed}")
+                        if not done:
+                            return self._stopped(self._signalled or "interrupted")
+                        self.write_text(f"{phase}.done", time.strftime("%Y-%m-%d %H:%M:%S\n"))
+                except KeyboardInterrupt:
+                    return self._stopped(self._signalled or "interrupted")
+            df = self.rebuild_table()
+        except Exception as exc:
+            failure = storage_failure(exc)
+            if failure is None:
+                raise
+            log.debug("storage failure", exc_info=True)
+            return self._stopped(f"storage: {failure}")
+        self._say(f"finished: {len(df)} trials in {self.store.describe()}/{TABLE_FILE}")
         print(best_table(df, self.plan.metric).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if self.args.report:
             self.report()
@@ -105,16 +123,51 @@ class Driver:
         if not self.args.verbose:  # "failed to fetch metrics" of trials that have not reported yet
             logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
+    def _remove_leftovers(self) -> None:
+        """Temp files a killed writer left (`.<name>.<pid>.tmp`); never read, removed under the lock."""
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def _stopped(self, why: str) -> int:
-        self.rebuild_table()
-        print(f"sweep {self.plan.name!r} stopped ({why}); finish it with: python sweeps/run.py --resume "
-              f"--name {self.plan.name} --storage {self.dir.parent}", flush=True)
-        return 0 if why == "the time budget is spent" else 130
+        if not why.startswith("storage"):
+            try:
+                self.rebuild_table()
+            except Exception as exc:  # noqa: BLE001 - the table is rebuilt on resume anyway
+                failure = storage_failure(exc)
+                if failure is None:
+                    raise
+                why = f"storage: {failure}"
+        fix = "free space or fix the storage, then finish it with" if why.startswith("storage") else "finish it with"
+        print(f"sweep {self.plan.name!r} stopped ({why}); {fix}: "
+              f"{resume_command(self.plan.name, str(self.args.storage))}", flush=True)
+        if why == TIME_BUDGET:
+            return 0
+        return EXIT_STORAGE if why.startswith("storage") else EXIT_INTERRUPTED
+
+    # --- files of the sweep folder ----------------------------------------------------------------
+    def write_json(self, name: str, data: Any) -> None:
+        write_json(self.store.path(name), data)
+        self.store.push(name)
+
+    def write_text(self, name: str, text: str) -> None:
+        from adrec.record import write_atomic
+
+        write_atomic(self.store.path(name), lambda tmp: Path(tmp).write_text(text))
+        self.store.push(name)
+
+    def read_json(self, name: str) -> Any:
+        path = self.store.path(name)
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:  # written atomically, so only a foreign edit gets here
+            raise SweepError(f"{path} is not valid JSON ({exc}); restore it or delete it to recompute it") from None
 
     def rebuild_table(self) -> "pd.DataFrame":
         """The table from the experiment folders (authoritative after a restart), written atomically."""
+        self.store.fetch_experiments(PHASES)
         df = build_rows([self.dir / p for p in PHASES], env=self.env)
-        write_table(df, self.dir / TABLE_FILE)
+        write_table(df, self.store.path(TABLE_FILE))
+        self.store.push(TABLE_FILE)
         return df
 
     def report(self) -> None:
@@ -132,22 +185,26 @@ class Driver:
             log.warning("python -m results %s exited with %s", self.dir, code)
 
     # --- one phase -------------------------------------------------------------------------------
+    def experiment(self, phase: str) -> str:
+        return f"{self.store.experiments.rstrip('/')}/{phase}"
+
     def run_phase(self, phase: str) -> bool:
         """Run (or restore) one phase; True when all its trials have finished."""
-        exp = self.dir / phase
-        restoring = tune.Tuner.can_restore(str(exp)) and any(exp.glob("experiment_state-*.json"))
-        known = known_trials(exp) if restoring else {}
+        exp = self.experiment(phase)
+        restoring = self.store.has_experiment(phase) and tune.Tuner.can_restore(exp)
+        known = self.known(phase) if restoring else {}
         if phase == "optimize":
             if self.plan.num_samples == 0:
                 return True
-            counts = reconcile_studies(str(self.dir / JOURNAL), self.study_names, known)
+            counts = reconcile_studies(str(self.store.path(JOURNAL)), self.study_names, known)
+            self.store.push(JOURNAL)
             if any(counts.values()):
                 self._say(f"optimize: studies reconciled after a restart: {counts}")
             if restoring and self.optimize_done(known):
                 return True
             searcher = StudySearcher(
-                journal=str(self.dir / JOURNAL), sweep_dir=str(self.dir), study_names=self.study_names,
-                space=self.plan.space, base_configs={ds: self.plan.base_config(ds) for ds in self.plan.datasets},
+                study_names=self.study_names, space=self.plan.space,
+                base_configs={ds: self.plan.base_config(ds) for ds in self.plan.datasets},
                 num_samples=self.plan.num_samples, seed=self.plan.seed)
             scheduler = self.asha()
         else:
@@ -156,15 +213,15 @@ class Driver:
                 return True
             known_jobs = {info["job"] for info in known.values()}
             pending = [j for j in jobs if j["job"] not in known_jobs]
-            write_json(self.dir / f"{phase}_jobs.json", {"jobs": jobs, "pending": pending})
+            self.write_json(f"{phase}_jobs.json", {"jobs": jobs, "pending": pending})
             if restoring and not pending and all(i["status"] in FINISHED for i in known.values()):
                 return True
-            searcher, scheduler = JobSearcher(str(self.dir / f"{phase}_jobs.json"), str(self.dir)), FIFOScheduler()
+            searcher, scheduler = JobSearcher(f"{phase}_jobs.json"), FIFOScheduler()
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=self.ctx),
                                         {"cpu": self.args.cpus_per_trial, "gpu": self.args.gpus_per_trial})
         if restoring:
             self._say(f"{phase}: restoring {len(known)} known trial(s) from {exp}")
-            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
             tuner = tune.Tuner(
@@ -173,12 +230,12 @@ class Driver:
                                             num_samples=NUM_SAMPLES_CAP, reuse_actors=True,
                                             trial_dirname_creator=trial_dirname, trial_name_creator=trial_name),
                 run_config=tune.RunConfig(
-                    name=phase, storage_path=str(self.dir),
+                    name=phase, storage_path=self.store.experiments,
                     failure_config=tune.FailureConfig(max_failures=self.args.max_failures),
                     # num_to_keep=1 also makes Ray sync the experiment state after every checkpoint,
                     # so a kill loses at most the evaluation in flight.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[TBXLoggerCallback(), SweepProgress(str(self.dir), self.plan.name, phase, self.env)],
+                    callbacks=[SweepTensorBoard(), SweepProgress(self.plan.name, phase, self.env)],
                     verbose=2 if self.args.verbose else 0))
         with self._budget():
             self._in_fit = True
@@ -186,21 +243,28 @@ class Driver:
                 tuner.fit()
             finally:
                 self._in_fit = False
+        if self.store.failed:
+            return False
         return self.phase_done(phase)
+
+    def known(self, phase: str) -> dict[str, dict[str, Any]]:
+        self.store.fetch_experiments([phase])
+        return known_trials(self.dir / phase)
 
     def jobs(self, phase: str) -> list[dict[str, Any]]:
         """The phase's job list, computed once and kept in the sweep folder (a resume reuses it)."""
         if phase == "paired":
-            path = self.dir / "paired_configs.json"
-            if not path.exists():
-                write_json(path, {"seed": self.plan.seed, "configs": self.plan.paired_configs()})
-            return self.plan.paired_jobs(json.loads(path.read_text())["configs"])
+            name = "paired_configs.json"
+            if not self.store.path(name).exists():
+                self.write_json(name, {"seed": self.plan.seed, "configs": self.plan.paired_configs()})
+            return self.plan.paired_jobs(self.read_json(name)["configs"])
         if phase == "confirm":
-            path = self.dir / "confirm_jobs.json"
-            if not path.exists():
+            name = "confirm_jobs.json"
+            if not self.store.path(name).exists():
+                self.store.fetch_experiments(["paired", "optimize"])
                 table = build_rows([self.dir / "paired", self.dir / "optimize"], env=self.env)
-                write_json(path, {"jobs": self.plan.confirm_jobs(table) if self.plan.confirm_top else []})
-            return json.loads(path.read_text())["jobs"]
+                self.write_json(name, {"jobs": self.plan.confirm_jobs(table) if self.plan.confirm_top else []})
+            return self.read_json(name)["jobs"]
         return self.plan.baseline_jobs()
 
     def asha(self) -> PerDatasetASHA:
@@ -213,12 +277,12 @@ class Driver:
 
     # --- completeness ----------------------------------------------------------------------------
     def phase_done(self, phase: str) -> bool:
-        exp = self.dir / phase
-        known = known_trials(exp)
+        known = self.known(phase)
         if any(i["status"] not in FINISHED for i in known.values()):
             return False
         if phase == "optimize":
-            reconcile_studies(str(self.dir / JOURNAL), self.study_names, known)
+            reconcile_studies(str(self.store.path(JOURNAL)), self.study_names, known)
+            self.store.push(JOURNAL)
             return self.optimize_done(known)
         jobs = {j["job"] for j in self.jobs(phase)}
         return jobs <= {i["job"] for i in known.values()}
@@ -226,10 +290,10 @@ class Driver:
     def optimize_done(self, known: dict[str, dict]) -> bool:
         if any(i["status"] not in FINISHED for i in known.values()):
             return False
-        storage = journal_storage(str(self.dir / JOURNAL))
+        store = journal_storage(str(self.store.path(JOURNAL)))
         for name in self.study_names.values():
             try:
-                study = optuna.load_study(study_name=name, storage=storage)
+                study = optuna.load_study(study_name=name, storage=store)
             except KeyError:
                 return False
             finished = [t for t in study.get_trials(deepcopy=False)
@@ -267,7 +331,7 @@ class Driver:
 
         def expire() -> None:
             if self._in_fit:
-                self._signalled = "the time budget is spent"
+                self._signalled = TIME_BUDGET
                 os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop, resumable
 
         timer = threading.Timer(max(self.deadline - time.time(), 0.0), expire)

@@ -1,61 +1,87 @@
-"""Live progress: a Tune callback that records each finished trial in the table and prints a line.
+"""Live progress: a Tune callback that records each finished trial in the table and prints a line,
+and the TensorBoard callback whose HParams view has the swept knobs and the logged metrics.
 
-Ray's own CLI reporter is silenced (verbose=0); this callback prints one line per finished trial
-with the per-dataset counts (running / finished / pruned) and the best validation value so far,
-replaces `trials.parquet` atomically after every finished trial, and keeps `progress.json`
-(counts per phase and dataset) up to date for scripts and tests that watch a running sweep.
+Ray's own CLI reporter is silenced (verbose=0); `SweepProgress` prints one line when a trial starts
+and one when it finishes (status, value, how long it took, the per-dataset counts, the best value so
+far, and the sweep's pace: finished / planned, trials per hour, an ETA from the plan's remaining
+trials and the measured trial times), replaces `trials.parquet` atomically after every finished
+trial, and keeps `progress.json` (counts per phase and dataset) for scripts and tests that watch a
+running sweep.
+
+A storage failure while writing (full disk, read-only or vanished mount, a bucket that refuses)
+does not crash the driver: the callback records it on the sweep folder and asks Ray Tune to stop
+the way Ctrl-C does; the driver then prints the --resume line. The callbacks hold no path (Ray
+pickles them): they write to the live sweep folder, `sweeps.storage.current()`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import signal
+import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
 
-from sweeps.plan import write_json
-from sweeps.searchers import dataset_key, read_runtime
+from adrec.config import KNOBS
+from adrec.record import (FIT_RESULT, TABLE_FILE, RecordError, dataset_key, read_table, to_frame, trial_row,
+                          write_json, write_table)
+from sweeps import storage
+from sweeps.searchers import read_runtime
 from sweeps.spaces import BASELINES
-from sweeps.table import TABLE_FILE, read_error, read_fit_result, read_table, to_frame, trial_row, write_table
-from sweeps.trainable import FIT_RESULT
+from sweeps.storage import storage_failure
+from sweeps.table import read_error, read_fit_result
 
 log = logging.getLogger("sweeps.progress")
 PROGRESS_FILE = "progress.json"
+# What identifies a trial in TensorBoard's HParams table besides its knobs.
+HPARAM_IDS = ("dataset", "phase", "config_id", "seed", "model")
 
 
 class SweepProgress(tune.Callback):
     """Pickled into tuner.pkl with its phase; everything else is re-read when a run (re)starts."""
 
-    def __init__(self, sweep_dir: str, sweep: str, phase: str, env: dict[str, str]) -> None:
-        self.sweep_dir, self.sweep, self.phase, self.env = sweep_dir, sweep, phase, dict(env)
+    def __init__(self, sweep: str, phase: str, env: dict[str, str]) -> None:
+        self.sweep, self.phase, self.env = sweep, phase, dict(env)
         self._reset()
 
     def _reset(self) -> None:
         self._rows: dict[str, dict[str, Any]] | None = None
         self._running: dict[str, str] = {}  # trial_id -> dataset
-        self._quiet = False
+        self._started: dict[str, float] = {}  # trial_id -> when it (re)started in this driver run
+        self._seconds: list[float] = []  # wall seconds of the trials finished in this driver run
+        self._peak = 1  # most trials seen running at once
+        self._runtime: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("sweep_dir", None)  # pickled by an older version: the folder may have moved since
         self.__dict__.update(state)
         self._reset()
 
-    @property
-    def table_path(self) -> Path:
-        return Path(self.sweep_dir) / TABLE_FILE
-
     def rows(self) -> dict[str, dict[str, Any]]:
         if self._rows is None:
-            df = read_table(self.table_path)
+            store = storage.current()
+            try:
+                df = read_table(store.path(TABLE_FILE))
+            except RecordError as exc:  # the driver rebuilds it from the experiments at phase end
+                log.warning("%s; starting from an empty table", exc)
+                df = to_frame([])
             self._rows = {r["trial_id"]: r for r in df.to_dict("records")}
-            self._quiet = bool(read_runtime(self.sweep_dir).get("quiet"))
+            self._runtime = read_runtime()
         return self._rows
+
+    @property
+    def quiet(self) -> bool:
+        self.rows()
+        return bool(self._runtime.get("quiet"))
 
     # --- Tune callback hooks -------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
@@ -63,7 +89,14 @@ class SweepProgress(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._running[trial.trial_id] = trial.config.get("dataset", "")
-        self._write_progress()
+        self._started[trial.trial_id] = time.time()
+        self._peak = max(self._peak, len(self._running))
+        self._guard(self._write_progress)
+        if not self.quiet:
+            c = trial.config
+            print(f"[{self.phase:>8} {dataset_key(str(c.get('dataset', ''))):>8}] {trial.trial_id} "
+                  f"{c.get('config_id', '')} seed={c.get('seed', '')} started | running {len(self._running)} | "
+                  f"elapsed {_duration(time.time() - self._t0())}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "TERMINATED")
@@ -72,23 +105,54 @@ class SweepProgress(tune.Callback):
         self._finish(trial, "ERROR")
 
     # --- internals -----------------------------------------------------------------------------
+    def _t0(self) -> float:
+        self.rows()
+        return float(self._runtime.get("started") or time.time())
+
+    def _guard(self, write: Any) -> bool:
+        """Run a write; on a storage failure mark the sweep folder failed and stop Tune gracefully."""
+        try:
+            write()
+            return True
+        except Exception as exc:  # noqa: BLE001 - only storage failures are handled here
+            failure = storage_failure(exc)
+            if failure is None:
+                raise
+            store = storage.current()
+            if not store.failed:
+                store.failed = failure
+                log.error("the sweep folder stopped taking writes (%s); stopping the sweep", failure)
+                os.kill(os.getpid(), signal.SIGUSR1)  # Ray Tune's graceful stop (as on Ctrl-C)
+            return False
+
     def _finish(self, trial: Any, ray_status: str) -> None:
         self._running.pop(trial.trial_id, None)
+        took = time.time() - self._started.pop(trial.trial_id, time.time())
         try:
             row = trial_row(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
                             history=_history(trial), fit_result=_fit_result(trial),
-                            error=read_error(trial.local_path) if trial.local_path else None, env=self.env)
+                            error=read_error(trial.local_path) if ray_status == "ERROR" and trial.local_path else None,
+                            env=self.env)
         except Exception:  # noqa: BLE001 - a bad row must not stop the sweep; build_rows redoes it at the end
             log.exception("could not build the table row of trial %s", trial.trial_id)
             return
         if row is None:
             return
+        if took > 0:
+            self._seconds.append(took)
         rows = self.rows()
         rows[trial.trial_id] = row
-        write_table(to_frame(rows.values()), self.table_path)
-        self._write_progress()
-        if not self._quiet:
-            print(self._line(row), flush=True)
+        store = storage.current()
+
+        def write() -> None:
+            write_table(to_frame(rows.values()), store.path(TABLE_FILE))
+            store.push(TABLE_FILE)
+            self._write_progress()
+
+        if store.failed or not self._guard(write):
+            return
+        if not self.quiet:
+            print(self._line(row, took), flush=True)
 
     def _counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, Counter] = {}
@@ -102,10 +166,26 @@ class SweepProgress(tune.Callback):
         rows = self.rows().values()
         by_phase = Counter(str(r["phase"]) for r in rows)
         state = {"phase": self.phase, "running": len(self._running), "finished": len(self.rows()),
-                 "by_phase": dict(by_phase), "by_dataset": self._counts()}
-        write_json(Path(self.sweep_dir) / PROGRESS_FILE, state)
+                 "total": self._runtime.get("total"), "by_phase": dict(by_phase), "by_dataset": self._counts()}
+        store = storage.current()
+        write_json(store.path(PROGRESS_FILE), state)
+        store.push(PROGRESS_FILE)
 
-    def _line(self, row: dict[str, Any]) -> str:
+    def pace(self) -> str:
+        """finished/planned, trials per hour in this driver run, and an ETA for the rest."""
+        finished, total = len(self.rows()), self._runtime.get("total")
+        elapsed = max(time.time() - self._t0(), 1e-9)
+        text = f"{finished}/{total} trials" if total else f"{finished} trials"
+        text += f", elapsed {_duration(elapsed)}"
+        if self._seconds:
+            text += f", {len(self._seconds) / (elapsed / 3600):.1f} trials/h"
+            if total:
+                left = max(int(total) - finished, 0)
+                eta = left * (sum(self._seconds) / len(self._seconds)) / max(self._peak, 1)
+                text += f", ETA {_duration(eta)}" if left else ", none left"
+        return text
+
+    def _line(self, row: dict[str, Any], took: float) -> str:
         metric = f"val_{row.get('select_metric') or 'NDCG@20'}"
         ds = str(row["dataset"])
         done = [r for r in self.rows().values() if str(r["dataset"]) == ds and r["status"] == "completed"
@@ -115,21 +195,58 @@ class SweepProgress(tune.Callback):
         value = row.get(metric)
         shown = f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else "-"
         return (f"[{row['phase']:>8} {dataset_key(ds):>8}] {row['trial_id']} {row['config_id']} seed={row['seed']} "
-                f"{row['status']:<9} {metric}={shown} | best {best:.4f} | running {c.get('running', 0)}, "
-                f"completed {c.get('completed', 0)}, pruned {c.get('pruned', 0)}, "
-                f"diverged {c.get('diverged', 0)}, failed {c.get('failed', 0)}")
+                f"{row['status']:<9} {metric}={shown} in {_duration(took)} | best {best:.4f} | running "
+                f"{c.get('running', 0)}, completed {c.get('completed', 0)}, pruned {c.get('pruned', 0)}, "
+                f"diverged {c.get('diverged', 0)}, failed {c.get('failed', 0)} | {self.pace()}")
+
+
+class SweepTensorBoard(TBXLoggerCallback):
+    """Ray's TensorBoard callback with a usable HParams view: the hyperparameters are the knobs
+    (`adrec.config.KNOBS`, inactive ones left out) and what identifies the trial; the metrics are
+    the validation metrics and `objective` under the tag names they are logged with (tensorboardX
+    writes `ray/tune/val_NDCG@20` as `ray/tune/val_NDCG_20`; declaring the raw name left the
+    HParams columns empty)."""
+
+    def _try_log_hparams(self, trial: Any, result: dict) -> None:
+        from tensorboardX.summary import _clean_tag, hparams
+
+        config = trial.config or {}
+        params: dict[str, Any] = {k: config[k] for k in KNOBS if config.get(k) is not None}
+        for key in HPARAM_IDS:
+            if config.get(key) is not None:
+                params[key] = dataset_key(str(config[key])) if key == "dataset" else config[key]
+        params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()
+                  if isinstance(v, (str, bool, int, float)) or hasattr(v, "item")}
+        metrics = {_clean_tag(k): v for k, v in result.items()
+                   if k.startswith(("ray/tune/val_", "ray/tune/objective")) and isinstance(v, (int, float))}
+        try:
+            for summary in hparams(hparam_dict=params, metric_dict=metrics):
+                self._trial_writer[trial].file_writer.add_summary(summary)
+        except Exception:  # noqa: BLE001 - TensorBoard must never stop a sweep
+            log.exception("could not write the HParams of trial %s", trial.trial_id)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _history(trial: Any) -> pd.DataFrame:
-    """The trial's reported results (result.json in the driver's copy of the trial folder)."""
-    path = Path(trial.local_path or "") / "result.json"
+    """The trial's reported results (its result.json in the experiment storage, local or a URI)."""
     rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    try:
+        fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        with fs.open_input_stream(f"{folder}/result.json") as src:
+            text = src.read().decode()
+    except Exception:  # noqa: BLE001 - not written yet, or storage unreachable: use the last result
+        text = ""
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     if not rows and trial.last_result:
         rows = [trial.last_result]
     return pd.DataFrame(rows)
@@ -141,8 +258,8 @@ def _fit_result(trial: Any) -> dict[str, Any] | None:
         return None
     try:
         with ckpt.as_directory() as d:
-            path = Path(d) / FIT_RESULT
-            return json.loads(path.read_text()) if path.exists() else None
+            path = os.path.join(d, FIT_RESULT)
+            return json.loads(open(path).read()) if os.path.exists(path) else None
     except Exception:  # noqa: BLE001 - fall back to the storage copy
         return read_fit_result(trial.path) if trial.path else None
 
@@ -159,8 +276,8 @@ def best_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         confirm = adrec[adrec["phase"] == "confirm"]
         pool = confirm if len(confirm) else adrec
         entry: dict[str, Any] = {"dataset": dataset_key(str(ds))}
-        if len(pool):
-            means = pool.groupby("config_id")[[col, test_col]].mean()
+        means = pool.groupby("config_id")[[col, test_col]].mean().dropna(subset=[col])
+        if len(means):
             best_id = means[col].idxmax()
             entry.update(config_id=best_id, seeds=int((pool["config_id"] == best_id).sum()),
                          val=float(means.loc[best_id, col]), test=float(means.loc[best_id, test_col]),

@@ -2,10 +2,15 @@
 
 One Tuner per phase (paired, optimize, confirm, baseline), each an experiment folder under
 `<storage>/<name>/`; inside the optimise Tuner a dispatcher gives every dataset its own Optuna
-study and its own ASHA rungs. Everything a restart needs is on disk (Ray's experiment state and
-checkpoints, the Optuna journal, the job lists), so `--resume` (or the same command again) finishes
-a sweep after Ctrl-C, SIGTERM or SIGKILL. Bad input fails with one message and exit code 2 before
-any trial starts.
+study and its own ASHA rungs. Everything a restart needs is on disk or in the bucket (Ray's
+experiment state and checkpoints, the Optuna journal, the job lists), so `--resume` (or the same
+command again) finishes a sweep after Ctrl-C, SIGTERM, SIGKILL, a full disk or a replaced head.
+
+Exit codes: 0 finished (or the time budget is spent), 2 bad input or a Ray that would not start
+(one line on stderr, before any trial), 3 the storage failed mid-run, 130 interrupted; 3 and 130
+print the `--resume` command.
+
+This module imports nothing heavy at import time: `--help` answers without torch, Ray or Optuna.
 """
 from __future__ import annotations
 
@@ -16,31 +21,50 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # `python sweeps/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# Read by Ray Tune at import: a busy 2-core machine makes 0.5 s callbacks common, not a problem.
-os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
 
-from sweeps import preflight  # noqa: E402
-from sweeps.plan import PHASES, Plan, SweepError, dataset_key, parse_metric, write_json  # noqa: E402
-from sweeps.spaces import BUILTIN, SpaceError, load_space  # noqa: E402
+if TYPE_CHECKING:
+    from sweeps.plan import Plan
+    from sweeps.storage import SweepStore
+
+from sweeps.storage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, resume_command  # noqa: E402 (stdlib only)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = REPO / "runs"
 SWEEP_FILE = "sweep.json"
+BUILTIN_SPACES = ("smoke", "paper", "full")  # sweeps.spaces.BUILTIN (a test keeps them equal)
+
+
+class SweepError(ValueError):
+    """Bad input or an environment the sweep cannot start in: one line, exit code 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a default once: only where the help text does not already say it, and never `None`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python sweeps/run.py",
         description="Sweep ADRec's design choices with Ray Tune + Optuna: a paired space-filling phase on "
-                    "every dataset, per-dataset TPE with ASHA, a confirm phase with fresh seeds and baselines. "
+                    "every dataset, per-dataset TPE with ASHA, a confirm phase with fresh seeds and baselines.\n"
                     "Rows in trials.parquet = datasets x (paired x repeats + TPE + confirm x repeats + baselines).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="exit codes: 0 finished, 2 bad input (nothing ran), 3 storage failed mid-run, 130 interrupted "
+               "(3 and 130 print the --resume command)",
+        formatter_class=_HelpFormatter)
     a = p.add_argument
-    a("--space", default="smoke", help=f"built-in space ({', '.join(BUILTIN)}) or a path to a YAML space file")
+    a("--space", default="smoke", help=f"built-in space ({', '.join(BUILTIN_SPACES)}) or a path to a YAML space file")
     a("--datasets", help="comma list of registry names or dataset file paths (default: the space's datasets)")
     a("--paired-samples", type=int, help="space-filling configs shared by all datasets (default: the space's)")
     a("--repeats", type=int, help="seeds per paired and per confirmed config (default: the space's)")
@@ -50,36 +74,43 @@ def build_parser() -> argparse.ArgumentParser:
                                               "value as `objective`")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves")
     a("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions share one GPU")
-    a("--max-concurrent", type=int, default=0, help="most trials running at once (0: as many as resources allow)")
+    a("--max-concurrent", type=int, default=0, help="most trials running at once (0 = as many as resources allow)")
     a("--max-failures", type=int, default=2, help="retries of a crashed trial, each from its last checkpoint")
-    a("--address", help="Ray cluster to join ('auto' = the running one); default: RAY_ADDRESS, else a local Ray")
-    a("--storage", default=str(DEFAULT_STORAGE), help="folder every node sees (NFS on a cluster); the sweep "
-                                                      "folder is <storage>/<name>")
+    a("--address", help="Ray cluster to join: host:port of its head, or 'auto' for the cluster `ray start` "
+                        "runs on this machine (default: RAY_ADDRESS if set, else a new private local Ray; "
+                        "never a cluster found by chance)")
+    a("--storage", default=str(DEFAULT_STORAGE),
+      help="where the sweep folder <storage>/<name> lives: a folder (every node must see it on a cluster: "
+           "NFS) or a URI pyarrow opens, e.g. s3://BUCKET/adrec (default: runs/ in this repository)")
     a("--data-dir", help="folder with the dataset files (default: ADREC_DATA_DIR, shared/datasets, ~/.cache/adrec)")
     a("--name", help="sweep name (default: the space name)")
     a("--resume", action="store_true", help="finish the sweep in <storage>/<name> with its saved settings")
     a("--seed", type=int, default=2025, help="seed of the paired design, the TPE samplers and the trials")
     a("--time-budget", type=float, help="seconds after which the sweep stops as after Ctrl-C (resumable)")
-    a("--max-users", type=int, default=0, help="keep the first N users of each dataset (tests, smoke runs)")
+    a("--max-users", type=int, default=0, help="keep the first N users of each dataset (0 = all; tests, smoke runs)")
     a("--dry-run", action="store_true", help="print trials per phase and dataset and an estimated cost; run nothing")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quiet", action="store_true", help="only errors and the final table")
+    g.add_argument("--quiet", action="store_true", help="only errors, the stop line and the final table")
     g.add_argument("--verbose", action="store_true", help="Ray's own progress output and trial logs too")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the analysis (python -m results) on the finished sweep")
+                   help="run the analysis (python -m results) on the finished sweep (default: on)")
     return p
 
 
 # --------------------------------------------------------------------------------------------------
 # Input checks (no Ray)
 # --------------------------------------------------------------------------------------------------
-def make_plan(args: argparse.Namespace) -> Plan:
+def make_plan(args: argparse.Namespace) -> "Plan":
+    from adrec.data import dataset_path, resolve_data_dir
+    from adrec.record import dataset_key
+    from sweeps import preflight
+    from sweeps.plan import Plan, SweepError as PlanError, parse_metric
+    from sweeps.spaces import SpaceError, load_space
+
     try:
         space = load_space(args.space)
     except SpaceError as exc:
         raise SweepError(str(exc)) from None
-    from adrec.data import dataset_path, resolve_data_dir
-
     try:
         data_dir = str(resolve_data_dir(args.data_dir))
     except ValueError as exc:
@@ -109,9 +140,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     error = preflight.resource_request_error(args.gpus_per_trial, args.cpus_per_trial)
     if error:
         raise SweepError(error)
+    try:
+        metric = parse_metric(args.metric)
+    except PlanError as exc:
+        raise SweepError(str(exc)) from None
     plan = Plan(name=args.name or space.name, space=space, datasets=tuple(datasets), baselines=space.baselines,
-                metric=parse_metric(args.metric), seed=args.seed, max_users=args.max_users, data_dir=data_dir,
-                **counts)
+                metric=metric, seed=args.seed, max_users=args.max_users, data_dir=data_dir, **counts)
     if plan.total() == 0:
         raise SweepError("the sweep has no trials: every count is 0; raise --paired-samples or --num-samples")
     plan.paired_jobs(plan.paired_configs())  # builds every paired config as a TrialConfig: invalid ones stop here
@@ -119,55 +153,100 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def print_dry_run(plan: Plan, sweep_dir: Path) -> None:
+def print_dry_run(plan: "Plan", where: str) -> None:
+    from adrec.record import PHASES
+
     table = plan.cost_table()
-    print(f"sweep {plan.name!r} in {sweep_dir}  space={plan.space.name} metric=val_{plan.metric} seed={plan.seed}")
+    print(f"sweep {plan.name!r} in {where}  space={plan.space.name} metric=val_{plan.metric} seed={plan.seed}")
     print(f"per dataset: paired {plan.paired_samples} configs x {plan.repeats} seeds, optimise {plan.num_samples} "
           f"TPE trials, confirm top {plan.confirm_top} x {plan.repeats} seeds, baselines {list(plan.baselines)}")
     wide = table.pivot(index="dataset", columns="phase", values="trials")[list(PHASES)]
     wide["total"] = wide.sum(axis=1)
     print(wide.to_string())
-    print(f"total trials: {plan.total()}  estimated cost: at most {table['cpu_hours_at_most'].sum():.1f} CPU-hours "
-          "(upper bound at full epoch budgets; early stopping and the stage-1 cache cut it)")
+    from sweeps.plan import cost_lines
+
+    print(f"total trials: {plan.total()}")
+    print("\n".join(cost_lines(plan, table)))
 
 
-def prepare_sweep_dir(args: argparse.Namespace, plan: Plan) -> tuple[Plan, Path, bool]:
-    """Create or reopen <storage>/<name>; returns (plan to run, folder, resumed?)."""
-    storage = str(args.storage)
-    if "://" in storage:
-        raise SweepError(f"--storage={storage!r}: the sweep keeps its Optuna journal, stage-1 cache and table "
-                         "next to the experiments, which needs a file system path; on a cluster use a folder "
-                         "every node mounts (NFS)")
-    sweep_dir = Path(storage).expanduser().resolve() / plan.name
+def open_store(args: argparse.Namespace, name: str) -> "SweepStore":
+    """The sweep folder (a local copy of it for a URI), created and checked writable."""
+    from sweeps.storage import StorageError, SweepStore
+
+    store = SweepStore.open(str(args.storage), name)
     try:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        probe = sweep_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise SweepError(f"--storage={storage!r} is not writable ({exc.strerror or exc}); pick a folder you can "
-                         "write to") from None
-    saved_path = sweep_dir / SWEEP_FILE
-    if saved_path.exists():
-        saved = json.loads(saved_path.read_text())["settings"]
+        store.check_writable()
+    except StorageError as exc:
+        raise SweepError(f"--storage={args.storage!r}: {exc}; pick a location you can write to") from None
+    return store
+
+
+def load_settings(args: argparse.Namespace, plan: "Plan", store: "SweepStore") -> tuple["Plan", bool]:
+    """The plan to run and whether the sweep folder already holds this sweep (called with the lock)."""
+    from sweeps.plan import Plan
+
+    try:
+        store.pull()  # a URI's driver files win over whatever a previous run left locally
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise SweepError(f"--storage={args.storage!r}: cannot read {store.uri} ({exc})") from None
+    saved_path = store.path(SWEEP_FILE)
+    if not saved_path.exists():
         if args.resume:
-            return Plan.from_settings(plan.name, saved), sweep_dir, True
-        now = json.loads(json.dumps(plan.settings()))
-        diff = [k for k in now if now[k] != saved.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff if k != "space")
-            raise SweepError(f"sweep {plan.name!r} in {sweep_dir} was started with other settings "
-                             f"({shown or 'space definition differs'}); finish it with --resume, or start a new "
-                             "sweep with another --name")
-        return plan, sweep_dir, True
+            raise SweepError(f"--resume: there is no sweep in {store.describe()} (no {SWEEP_FILE}); start it "
+                             "without --resume")
+        return plan, False
+    try:
+        saved = json.loads(saved_path.read_text())["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SweepError(f"{saved_path} is unreadable ({exc}); restore it from a copy of the sweep folder, or "
+                         "start a new sweep with another --name") from None
     if args.resume:
-        raise SweepError(f"--resume: there is no sweep in {sweep_dir} (no {SWEEP_FILE}); start it without --resume")
-    return plan, sweep_dir, False
+        return Plan.from_settings(plan.name, saved), True
+    now = json.loads(json.dumps(plan.settings()))
+    diff = [k for k in now if now[k] != saved.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff if k not in ("space", "data_dir"))
+        if diff == ["data_dir"]:  # the same sweep on another machine or mount: data found elsewhere
+            return Plan.from_settings(plan.name, {**saved, "data_dir": plan.data_dir}), True
+        raise SweepError(f"sweep {plan.name!r} in {store.describe()} was started with other settings "
+                         f"({shown or 'space definition differs'}); finish it with --resume, or start a new sweep "
+                         "with another --name")
+    return plan, True
 
 
 # --------------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------------
+def ray_address(args: argparse.Namespace) -> str | None:
+    """The cluster to join: --address, else RAY_ADDRESS (set by `ray job submit`); None = a new local Ray."""
+    return args.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """Join `ray_address(args)` or start a private local Ray. Returns (this call started or joined
+    Ray, the temp dir of a local Ray we started)."""
+    import ray
+
+    from sweeps import local_ray
+
+    if ray.is_initialized():
+        return False, None
+    address = ray_address(args)
+    if not address or address == "local":
+        try:
+            return True, local_ray.start(log_to_driver=bool(args.verbose))
+        except local_ray.LocalRayError as exc:
+            raise SweepError(str(exc)) from None
+    try:
+        ray.init(address=address, log_to_driver=bool(args.verbose), logging_level=logging.WARNING)
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, auth errors, version mismatches: one line each
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise SweepError(f"cannot join Ray at {address!r} ({type(exc).__name__}: {first}); check that its head "
+                         "runs (`ray status --address HOST:PORT`), RAY_AUTH_MODE and the token match the cluster, "
+                         "or leave --address out to start a private local Ray") from None
+    return True, None
+
+
 def _preflight(check: Any, *args: Any, **kwargs: Any) -> None:
     """Run a `sweeps.preflight` check; its ValueError/RuntimeError becomes bad input (exit code 2)."""
     try:
@@ -176,22 +255,20 @@ def _preflight(check: Any, *args: Any, **kwargs: Any) -> None:
         raise SweepError(str(exc)) from None
 
 
-def connect(args: argparse.Namespace) -> bool:
-    """Join or start Ray; True when this call did it (so the driver shuts it down at the end)."""
-    import ray
+class _NoTunerRestoreHint(logging.Filter):
+    """Ray Tune ends an interrupted run with 'Resume experiment with: Tuner.restore(...)'; following it
+    skips this sweep's Optuna reconciliation. The driver prints its own --resume line instead."""
 
-    if ray.is_initialized():
-        return False
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": bool(args.verbose), "logging_level": logging.WARNING}
-    if not address:
-        kwargs["include_dashboard"] = False
-    try:
-        ray.init(address=args.address or None, **kwargs)
-    except ConnectionError as exc:
-        raise SweepError(f"cannot join Ray at {address!r}: {exc}; start a cluster with `ray start --head` or "
-                         "leave --address out to start a local Ray") from None
-    return True
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("ray.tune.tune").addFilter(_NoTunerRestoreHint())
+    # Read by Ray Tune at import: a busy 2-core machine makes 0.5 s callbacks common, not a problem.
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,38 +276,76 @@ def connect(args: argparse.Namespace) -> bool:
 # --------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args)
+    from sweeps import preflight
+    from sweeps.plan import SweepError as PlanError
+    from sweeps.storage import DriverLock, StorageError, SweepLocked, storage_failure
+
+    bad_input = (SweepError, PlanError)
+
     try:
         plan = make_plan(args)
         if args.dry_run:
-            sweep_dir = Path(args.storage).expanduser().resolve() / plan.name
-            print_dry_run(plan, sweep_dir)
-            return 0
-        _preflight(preflight.check_address, args.address or os.environ.get("RAY_ADDRESS"), timeout_s=3)
-        plan, sweep_dir, resumed = prepare_sweep_dir(args, plan)
-        started_ray = connect(args)
-    except SweepError as exc:
-        print(f"sweeps: error: {exc}", file=sys.stderr)
-        return 2
-    from sweeps.driver import Driver
+            from sweeps.storage import SweepStore
 
+            print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe())
+            return 0
+        _preflight(preflight.check_address, ray_address(args), timeout_s=3)
+        store = open_store(args, plan.name)
+    except bad_input as exc:
+        return _fail(exc)
+    lock = DriverLock(store)
     try:
+        lock.acquire()
+    except (SweepLocked, StorageError) as exc:
+        return _fail(exc)
+    except OSError as exc:
+        return _fail(f"cannot lock the sweep folder {store.describe()} ({exc}); check the storage")
+    if lock.took_over:
+        logging.getLogger("sweeps.run").info("took over the sweep lock of a driver that is gone (%s)",
+                                             lock.took_over)
+    joined, ray_tmp = False, None
+    code = EXIT_BAD_INPUT
+    try:
+        plan, resumed = load_settings(args, plan, store)
+        joined, ray_tmp = connect(args)
+        from sweeps.driver import Driver
+
         # resources some node (or autoscaler node type) offers, same code on every node, storage
         # every node sees: all before the first trial
-        _preflight(preflight.run_preflight, str(sweep_dir), args.gpus_per_trial, args.cpus_per_trial)
+        _preflight(preflight.run_preflight, store.experiments, args.gpus_per_trial, args.cpus_per_trial)
         if not resumed:  # only a sweep that passed every check is recorded (and can be resumed)
-            write_json(sweep_dir / SWEEP_FILE, {"name": plan.name, "settings": plan.settings(),
-                                               "created": time.time()})
-        return Driver(plan, sweep_dir, args).run(resumed)
-    except SweepError as exc:
-        print(f"sweeps: error: {exc}", file=sys.stderr)
-        return 2
+            from adrec.record import write_json
+
+            write_json(store.path(SWEEP_FILE), {"name": plan.name, "settings": plan.settings(), "created": time.time()})
+            store.push(SWEEP_FILE)
+        code = Driver(plan, store, args).run(resumed)
+        return code
+    except bad_input as exc:
+        return _fail(exc)
+    except Exception as exc:
+        failure = storage_failure(exc)
+        if failure is None:
+            raise
+        print(f"sweeps: error: the storage failed before the sweep started ({failure}); free space or fix the "
+              f"storage, then run: {resume_command(plan.name, str(args.storage))}", file=sys.stderr)
+        return EXIT_STORAGE
     finally:
-        if started_ray:
+        if joined:
             import ray
 
             ray.shutdown()
+        if ray_tmp:
+            from sweeps import local_ray
+
+            if code in (0, EXIT_INTERRUPTED, EXIT_STORAGE):
+                local_ray.cleanup(ray_tmp)  # else kept: its logs say why Ray failed
+        lock.release()
+
+
+def _fail(exc: BaseException | str) -> int:
+    print(f"sweeps: error: {exc}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

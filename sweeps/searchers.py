@@ -8,6 +8,11 @@ the Ray trial that runs it (`ray_trial_id`). On restart the driver marks RUNNING
 that no restored Ray trial owns as orphans (`reconcile_studies`) and the searcher hands an orphan
 to the next new Ray trial before asking TPE again, so each study ends with exactly the trials
 that ran and none left RUNNING.
+
+They also keep no path: Ray pickles them with the experiment, and a sweep folder that was copied,
+moved or mounted elsewhere must resume where it now lies. Files are named relative to the live
+sweep folder (`sweeps.storage.current()`), and the journal is uploaded after every change when the
+sweep folder is a URI (the searchers run in the driver, next to its local copy).
 """
 from __future__ import annotations
 
@@ -26,14 +31,16 @@ from ray.tune.search import Searcher
 
 from adrec.config import TrialConfig
 from adrec.record import FINISHED, dataset_key, outcome
+from sweeps import storage
 from sweeps.spaces import Space
 
 log = logging.getLogger("sweeps.searchers")
 RUNTIME_FILE = "runtime.json"  # settings of the current driver run, read lazily by pickled objects
+JOURNAL = "studies.journal"  # the Optuna studies, one per dataset, in the sweep folder
 
 
-def read_runtime(sweep_dir: str) -> dict[str, Any]:
-    path = Path(sweep_dir) / RUNTIME_FILE
+def read_runtime() -> dict[str, Any]:
+    path = storage.current().path(RUNTIME_FILE)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -47,11 +54,10 @@ class _LiveLimit:
     _LAZY: str
     _live: set[str] | None = None
     _limit: int | None = None
-    sweep_dir: str
 
     def _room(self) -> bool:
         if self._limit is None:  # runtime.json is written once per driver run, before any Tuner
-            self._limit = int(read_runtime(self.sweep_dir).get("max_concurrent") or 0)
+            self._limit = int(read_runtime().get("max_concurrent") or 0)
         return not self._limit or len(self._live or ()) < self._limit
 
     def _track(self, trial_id: str, alive: bool) -> None:
@@ -72,20 +78,20 @@ class _LiveLimit:
 class JobSearcher(_LiveLimit, Searcher):
     """Hands out a fixed list of trial configs (paired, confirm and baseline phases), in order.
 
-    The driver writes the jobs not yet known to the (restored) experiment into `jobs_file`.
+    The driver writes the jobs not yet known to the (restored) experiment into `jobs_file` (a name
+    in the sweep folder).
     """
 
     _LAZY = "_pending"
 
-    def __init__(self, jobs_file: str, sweep_dir: str) -> None:
+    def __init__(self, jobs_file: str) -> None:
         super().__init__()
-        self.jobs_file = jobs_file
-        self.sweep_dir = sweep_dir
+        self.jobs_file = Path(jobs_file).name
         self._pending: list[dict[str, Any]] | None = None
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self._pending is None:
-            self._pending = json.loads(Path(self.jobs_file).read_text())["pending"]
+            self._pending = json.loads(storage.current().path(self.jobs_file).read_text())["pending"]
         if not self._pending:
             return Searcher.FINISHED
         if not self._room():
@@ -112,11 +118,9 @@ class StudySearcher(_LiveLimit, Searcher):
 
     _LAZY = "_studies"
 
-    def __init__(self, *, journal: str, sweep_dir: str, study_names: Mapping[str, str], space: Space,
-                 base_configs: Mapping[str, dict[str, Any]], num_samples: int, seed: int) -> None:
+    def __init__(self, *, study_names: Mapping[str, str], space: Space, base_configs: Mapping[str, dict[str, Any]],
+                 num_samples: int, seed: int) -> None:
         super().__init__()
-        self.journal = journal
-        self.sweep_dir = sweep_dir
         self.study_names = dict(study_names)  # dataset -> study name
         self.space = space
         self.base_configs = {k: dict(v) for k, v in base_configs.items()}
@@ -129,10 +133,10 @@ class StudySearcher(_LiveLimit, Searcher):
         if self._studies is None:
             # TPE's `group` (conditional knobs sampled jointly per branch) is marked experimental.
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            storage = journal_storage(self.journal)
+            journal = journal_storage(str(storage.current().path(JOURNAL)))
             self._studies = {
                 ds: optuna.create_study(
-                    study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                    study_name=name, storage=journal, direction="maximize", load_if_exists=True,
                     sampler=optuna.samplers.TPESampler(seed=self.seed + i, multivariate=True, group=True,
                                                        constant_liar=True))
                 for i, (ds, name) in enumerate(self.study_names.items())
@@ -175,6 +179,7 @@ class StudySearcher(_LiveLimit, Searcher):
             trial.set_user_attr("ray_trial_id", trial_id)
             number = trial.number
         self._track(trial_id, True)
+        storage.current().push(JOURNAL)  # before Ray records the trial: the bucket's journal knows it first
         cfg = TrialConfig.from_dict({**self.base_configs[ds], **values}).to_dict()
         return {**cfg, "phase": "optimize", "config_id": optimize_config_id(dataset_key(ds), number),
                 "job": f"optimize/{dataset_key(ds)}/{number}"}
@@ -220,6 +225,7 @@ class StudySearcher(_LiveLimit, Searcher):
         if frozen.state.is_finished():  # told before a kill; the resumed trial re-finished
             return
         tell(study, frozen, outcome(result, error), result)
+        storage.current().push(JOURNAL)
 
 
 
@@ -253,13 +259,13 @@ def reconcile_studies(journal: str, study_names: Mapping[str, str], known: Mappi
     unknown (the kill came before Ray saved it) becomes an orphan for the next new Ray trial; one
     whose Ray trial will be resumed stays RUNNING. Returns counts per action.
     """
-    storage = journal_storage(journal)
+    store = journal_storage(journal)
     counts = {"told": 0, "orphaned": 0, "resumed": 0}
-    summaries = set(optuna.study.get_all_study_names(storage))
+    summaries = set(optuna.study.get_all_study_names(store))
     for name in study_names.values():
         if name not in summaries:
             continue
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=store)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             rid = t.user_attrs.get("ray_trial_id")
             info = known.get(rid)

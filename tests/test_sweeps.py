@@ -1,13 +1,12 @@
 """The sweep runner: spaces, bad input, and real sweeps (real Ray, the real trainer on <=120-user slices).
 
-Ray starts once for this file (session fixture, 2 CPUs) and is never stopped with `ray stop`; the
-SIGKILL test runs the driver as a subprocess that joins this cluster, so killing its process group
-kills only the driver.
+Ray starts once per pytest session (`ray_address` in conftest.py: a private local Ray, 2 CPUs) and is
+never stopped with `ray stop`; the SIGKILL test runs the driver as a subprocess that joins this
+cluster, so killing its process group kills only the driver.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ from adrec.config import TrialConfig
 from sweeps.plan import Plan
 from sweeps.run import main
 from sweeps.spaces import SpaceError, load_space, parse_space
-from sweeps.table import columns
+from adrec.record import columns
 
 REPO = Path(__file__).resolve().parents[1]
 # A trial small enough for tests: ~100 users, 16-d model, 1 + 1 + 2 epochs, evaluation every epoch.
@@ -45,18 +44,6 @@ def write_space(tmp_path: Path, name: str = "tiny", **overrides) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def ray_address():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
 
 
 def study_trials(sweep_dir: Path, dataset: str = "ml-100k") -> list[optuna.trial.FrozenTrial]:
