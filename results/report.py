@@ -6,12 +6,12 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from results import plots, summary
 from results.analysis import Analysis, analyse
+from results.hiplot import write_hiplot
 from results.render import Block, Bullets, Heading, Image, Para, Table, to_html, to_markdown
 from results.stats import ALPHA
 from results.table import DEFAULT_METRIC
@@ -32,7 +32,6 @@ HOW_TO_READ = (
     "(knob, dataset) cell is judged at 5%: among many cells with few configs each, a flagged "
     "one can still be chance; check n_configs in the tables."
 )
-_FONT_IMPORT = re.compile(r"https://fonts\.googleapis\.com/css\?family=[^\"'\\)\s]*")
 
 
 def build_report(table: pd.DataFrame, out_dir: Path, metric: str = DEFAULT_METRIC,
@@ -87,34 +86,6 @@ def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
             if len(kinds) > 1:
                 out[column] = out[column].map(lambda v: None if pd.isna(v) else str(v))
     return out
-
-
-def write_hiplot(result: Analysis, path: Path) -> None:
-    """HiPlot parallel coordinates of every trial, made offline-safe.
-
-    HiPlot inlines its JavaScript; its CSS still @imports a Google font, which is replaced by an
-    empty data: URL so that opening the file makes no network request.
-    """
-    import hiplot as hip
-
-    columns = ["dataset", "phase", "status", "model", "seed", "config_id",
-               *(k.name for k in result.varying), result.metric, *result.cost_metrics]
-    frame = result.table[[c for c in dict.fromkeys(columns) if c in result.table]].copy()
-    for knob in result.varying:  # blank a conditional knob where it does not apply
-        frame[knob.name] = frame[knob.name].astype(object).where(knob.applies(frame), None)
-    rows = [{k: (None if _missing(v) else (v.item() if isinstance(v, np.generic) else v))
-             for k, v in rec.items()} for rec in frame.to_dict("records")]
-    hip.Experiment.from_iterable(rows).to_html(str(path))
-    text = _FONT_IMPORT.sub("data:text/css,", path.read_text(encoding="utf-8"))
-    path.write_text(text, encoding="utf-8")
-    external = re.findall(r"<script[^>]*\bsrc\s*=\s*['\"]?https?://", text, flags=re.I)
-    if external:
-        log.warning("hiplot.html loads %d external script(s); it will not work offline",
-                    len(external))
-
-
-def _missing(value: object) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
 
 
 # --- the document ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -23,16 +23,6 @@ from adrec.record import PHASES, dataset_key, split_config, write_json
 from sweeps.spaces import Space, parse_space
 
 CONFIRM_SEED_OFFSET = 1000  # confirm seeds start here above --seed: never a seed the search used
-# Interactions per registry dataset (shared/datasets/README.md), for the --dry-run cost estimate.
-INTERACTIONS = {"ml-100k": 54_413, "baby": 92_823, "beauty": 94_148, "sports": 185_718, "toys": 95_420,
-                "yelp": 316_354}
-# Measured on this project's busy 2-core machine, one thread per trial, the authors' sizes: a stage-1
-# epoch of ml-100k (54k interactions) took ~14 s, an ADRec epoch with its evaluation ~24 s (1.7x).
-# Seconds per stage-1 epoch per 1000 interactions; an order of magnitude, not a promise.
-CPU_SECONDS_PER_KILO_INTERACTION_EPOCH = 0.26
-ADREC_EPOCH_COST = 1.7  # an ADRec epoch (denoising + evaluation) in stage-1 epochs
-
-
 class SweepError(ValueError):
     """Bad input: reported as one message, exit code 2, before any trial starts."""
 
@@ -136,23 +126,191 @@ class Plan:
         return len(self.datasets) * sum(self.counts().values())
 
     def cost_table(self) -> pd.DataFrame:
-        """Trials and an upper-bound epoch/CPU-hour estimate per dataset and phase."""
-        cfg = TrialConfig.from_dict({k: v for k, v in self.base_config(self.datasets[0]).items()})
-        s1 = self.space.max_value("stage1_epochs")
-        s23 = self.space.max_value("stage2_epochs") + self.space.max_value("stage3_epochs")
-        rows = []
-        for ds in self.datasets:
-            kilo = INTERACTIONS.get(ds, 100_000) / 1000 * (min(1.0, self.max_users / 1000) if self.max_users else 1.0)
-            for phase, n in self.counts().items():
-                if phase == "baseline":
-                    epochs = n and sum(0 if b == "most_popular" else cfg.stage1_epochs for b in self.baselines)
-                    per = epochs / max(n, 1)
-                else:
-                    per = s1 + ADREC_EPOCH_COST * s23
-                hours = n * per * kilo * CPU_SECONDS_PER_KILO_INTERACTION_EPOCH / 3600
-                rows.append({"dataset": ds, "phase": phase, "trials": n, "max_epochs_per_trial": math.ceil(per),
-                             "cpu_hours_at_most": round(hours, 2)})
-        return pd.DataFrame(rows)
+        """Trials and cost per dataset and phase: see `estimate_cost`."""
+        return estimate_cost(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost: what --dry-run prints
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Speed:
+    """Seconds one trial spends on one dataset when it has its node to itself."""
+
+    stage1: float  # a stage-1 (SASRec) epoch
+    adrec: float  # a stage-2/3 epoch
+    eval: float  # a validation pass (ADRec: T = 32 reverse steps)
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    unit: str  # what its hours are counted in
+    units_per_node: int  # GPUs (or CPU cores) of one node
+    trials_per_unit: int  # trials sharing one GPU (or core)
+    share_speedup: float  # their throughput together against one trial alone
+    speeds: Mapping[str, Speed]
+
+
+# GPU: one H200, `python -m adrec bench --device cuda` (README, docs/cluster.md): stage-3 s per epoch and
+# per validation pass; stage 1 (not measured there) at 0.6 of an ADRec epoch, its ratio on the CPU. Four
+# trials sharing the GPU ran 402 short baby trials per hour against 218 alone (docs/cluster.md): x1.84.
+_H200 = {"ml-100k": (0.07, 0.06), "baby": (0.42, 0.80), "beauty": (0.48, 0.58), "toys": (0.49, 0.66),
+         "sports": (0.75, 0.83), "yelp": (1.21, 1.15)}
+# CPU: README's figures for this 2-core machine (one trial on both cores: ml-100k 2.3 / 3.6 / 1.72 s,
+# baby 5.4 / 9.7 / 7.74 s), doubled for one trial per core as a sweep runs them (measured with the smoke
+# sweep: ~3.3 s per stage-1 epoch and ~7 s per ADRec epoch on a busy machine); the other datasets
+# scale from baby as they do on the GPU.
+_CPU = {"ml-100k": Speed(4.6, 7.2, 3.4), "baby": Speed(10.8, 19.4, 15.5)}
+for _name, (_epoch, _eval) in _H200.items():
+    _CPU.setdefault(_name, Speed(_CPU["baby"].stage1 * _epoch / _H200["baby"][0], _CPU["baby"].adrec * _epoch /
+                                 _H200["baby"][0], _CPU["baby"].eval * _eval / _H200["baby"][1]))
+NODE_TYPES: dict[str, NodeType] = {
+    "cpu": NodeType("2-core CPU machine, one trial per core", "CPU-core-hours", 2, 1, 1.0, _CPU),
+    "h200": NodeType("H200 GPU node, 4 trials per GPU (--gpus-per-trial 0.25)", "GPU-hours", 1, 4, 1.84,
+                     {k: Speed(0.6 * e, e, v) for k, (e, v) in _H200.items()}),
+}
+TRIAL_OVERHEAD_S = 10.0  # a trial's process, imports and data loading (the smoke sweep: 8-12 s on CPU)
+# Where trials stop by patience (eval_every 5, patience 4), README's accuracy runs: ml-100k's stage 1 at
+# 85-125 epochs (mean 109) and stage 3 at 65-85 (75); baby's at 50 and 30, taken for the other datasets.
+TYPICAL_STOP = {"ml-100k": (109, 75), "baby": (50, 30)}
+USERS = {"ml-100k": 938, "baby": 11_761, "beauty": 10_553, "sports": 22_686, "toys": 11_268, "yelp": 30_431}
+ASHA_REDUCTION = 3  # sweeps.searchers.PerDatasetASHA's reduction factor
+
+
+def trial_epochs(cfg: TrialConfig, dataset: str, expected: bool) -> tuple[int, int, int]:
+    """Epochs per stage a trial trains: at most its budget; expected, where patience usually stops it."""
+    s1, s2, s3 = cfg.stage_epochs() if cfg.model == "adrec" else (cfg.stage1_epochs * (cfg.model == "sasrec"), 0, 0)
+    if not expected:
+        return s1, s2, s3
+    stop1, stop3 = TYPICAL_STOP.get(dataset_key(dataset), TYPICAL_STOP["baby"])
+    return min(s1, stop1), s2, min(s3, stop3)
+
+
+def asha_fraction(epochs: int, eval_every: int, grace: int) -> float:
+    """Expected share of `epochs` ADRec epochs an optimise trial trains under ASHA: every trial reaches
+    the first rung (`grace` evaluations), one in 3 the next, one in 9 the one after, ..."""
+    if epochs <= 0:
+        return 1.0
+    done, rung, share, total = 0, grace * eval_every, 1.0, 0.0
+    while done < epochs:
+        stop = min(epochs, rung)
+        total += share * (stop - done)
+        done, rung, share = stop, rung * ASHA_REDUCTION, share / ASHA_REDUCTION
+    return total / epochs
+
+
+def trial_seconds(cfg: TrialConfig, node: NodeType, expected: bool, asha: bool = False,
+                  stage1: bool = True) -> float:
+    """Seconds of one trial alone on a unit of `node`; `stage1=False` when the stage-1 cache has it.
+
+    Each trial ends with a test pass; SASRec's evaluations (stage 1, the baseline) count half an
+    ADRec pass, which runs T reverse steps (measured at T = 32); most_popular's two passes are
+    scoring only (a tenth).
+    """
+    key = dataset_key(cfg.dataset)
+    speed = node.speeds.get(key, node.speeds["baby"])
+    users = USERS.get(key)
+    size = min(1.0, cfg.max_users / users) if cfg.max_users and users else 1.0
+    if cfg.model == "most_popular":
+        return TRIAL_OVERHEAD_S + size * 2 * 0.1 * speed.eval
+    e1, e2, e3 = trial_epochs(cfg, cfg.dataset, expected)
+    every = cfg.eval_every
+    seconds = 0.0
+    if stage1 or cfg.model != "adrec":
+        seconds += e1 * speed.stage1 + math.ceil(e1 / every) * 0.5 * speed.eval
+    if cfg.model == "adrec":
+        epochs = e2 + e3
+        if asha:
+            epochs *= asha_fraction(epochs, every, math.ceil(e2 / every) + 1)
+        seconds += epochs * speed.adrec + (math.ceil(epochs / every) + 1) * speed.eval * cfg.diffusion_steps / 32
+    else:
+        seconds += 0.5 * speed.eval
+    return TRIAL_OVERHEAD_S + seconds * size
+
+
+def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES) -> pd.DataFrame:
+    """Per dataset and phase: trials, and per node type the expected and the ceiling unit-hours.
+
+    expected: trials stop where README's runs stopped by patience, optimise trials are pruned by
+    ASHA (one in 3 passes each rung), stage 1 is trained once per (dataset, seed, stage-1 settings)
+    and shared through the stage-1 cache. ceiling: every trial trains every epoch of its budget and
+    its own stage 1. Optimise and confirm configs are not known before the run: the space's own
+    space-filling sample stands in for them. A unit-hour is a GPU-hour (trials sharing a GPU count
+    their share) or a CPU-core-hour.
+    """
+    from adrec.train import STAGE1_FIELDS  # imported here: torch is only needed for an estimate
+
+    paired = plan.paired_configs()
+    stand_ins = [{"values": v} for v in plan.space.space_filling(max(8, plan.num_samples), plan.seed + 1)] or paired
+    counts = plan.counts()
+    rows = []
+    for ds in plan.datasets:
+        jobs = {"paired": [j["config"] for j in plan.paired_jobs(paired) if dataset_key(ds) in j["job"]],
+                "optimize": [plan._job("optimize", ds, "o", c["values"])["config"] for c in stand_ins],
+                "confirm": [plan._job("confirm", ds, "c", c["values"])["config"] for c in stand_ins],
+                "baseline": [j["config"] for j in plan.baseline_jobs() if dataset_key(ds) in j["job"]]}
+        searched_stage1 = any(p.field in STAGE1_FIELDS for p in plan.space.params)
+        for phase, n in counts.items():
+            configs = [split_config(c)[0] for c in jobs[phase]]
+            row: dict[str, Any] = {"dataset": ds, "phase": phase, "trials": n}
+            for node_key, node in node_types.items():
+                expected, ceiling, longest = [0.0], [0.0], [0.0, 0.0]
+                if n and configs:
+                    seen: set[tuple] = set()
+                    expected, ceiling = [], []
+                    for cfg in configs:
+                        key = tuple(getattr(cfg, f) for f in STAGE1_FIELDS)
+                        fresh = phase in ("confirm", "baseline") or (phase == "optimize" and searched_stage1) \
+                            or key not in seen
+                        seen.add(key)
+                        expected.append(trial_seconds(cfg, node, True, asha=phase == "optimize", stage1=fresh))
+                        ceiling.append(trial_seconds(cfg, node, False))
+                    longest = [max(expected), max(ceiling)]
+                slow = node.trials_per_unit / node.share_speedup  # a trial sharing its unit runs slower
+                for what, each, last in (("expected", expected, longest[0]), ("ceiling", ceiling, longest[1])):
+                    row[f"{node_key}_{what}_h"] = n * sum(each) / len(each) / node.share_speedup / 3600
+                    row[f"{node_key}_{what}_longest_s"] = last * slow
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def wall_hours(table: pd.DataFrame, node_key: str, node: NodeType, nodes: int, what: str) -> float:
+    """Hours on `nodes` nodes: phase after phase, each as long as its unit-hours spread over every unit
+    (trials packed) but never shorter than its longest trial."""
+    hours = 0.0
+    for _, part in table.groupby("phase", sort=False):
+        spread = part[f"{node_key}_{what}_h"].sum() / (node.units_per_node * nodes)
+        hours += max(spread, part[f"{node_key}_{what}_longest_s"].max() / 3600) if part["trials"].sum() else 0.0
+    return hours
+
+
+def cost_lines(plan: Plan, table: pd.DataFrame | None = None,
+               node_types: Mapping[str, NodeType] = NODE_TYPES) -> list[str]:
+    """--dry-run's cost summary: per node type, expected and ceiling unit-hours and wall-clock."""
+    table = estimate_cost(plan, node_types) if table is None else table
+    lines = ["cost (expected: typical early stopping, ASHA pruning, shared stage 1; ceiling: every epoch of "
+             "every trial):"]
+    for key, node in node_types.items():
+        exp_h, ceil_h = table[f"{key}_expected_h"].sum(), table[f"{key}_ceiling_h"].sum()
+        lines.append(f"  {node.name}: expected {_amount(exp_h)} {node.unit}, ceiling {_amount(ceil_h)}")
+        for count in (1, 8):
+            lines.append(f"    wall-clock on {count} such node{'s' * (count > 1)}: expected "
+                         f"{_duration(wall_hours(table, key, node, count, 'expected'))}, ceiling "
+                         f"{_duration(wall_hours(table, key, node, count, 'ceiling'))}")
+    lines.append("  from README's bench figures (H200 and this 2-core machine) and its early-stopping epochs; "
+                 "an order of magnitude, not a promise")
+    return lines
+
+
+def _amount(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.2g}" if hours < 1 else f"{hours:.1f}"
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def full_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -171,4 +329,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["PHASES", "Plan", "SweepError", "dataset_key", "full_config", "parse_metric", "write_json"]
+__all__ = ["NODE_TYPES", "PHASES", "NodeType", "Plan", "Speed", "SweepError", "cost_lines", "dataset_key",
+           "estimate_cost", "full_config", "parse_metric", "trial_seconds", "write_json"]

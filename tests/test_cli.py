@@ -141,6 +141,43 @@ def test_set_overrides_config_file_and_data_path_overrides_dataset(seq_file: Pat
                                                                              0.5, 32, 4)
 
 
+# --- --quick ------------------------------------------------------------------------------------
+def _train_args(*argv: str):
+    from adrec.cli import parser
+
+    return parser().parse_args(["train", *argv])
+
+
+def test_quick_sets_short_stages_and_set_still_wins() -> None:
+    from adrec.cli import QUICK, build_config, training_plan
+
+    cfg = build_config(_train_args("--dataset", "ml-100k", "--quick"))
+    assert {k: getattr(cfg, k) for k in QUICK} == QUICK == {"stage1_epochs": 10, "stage2_epochs": 1,
+                                                            "stage3_epochs": 4, "eval_every": 5}
+    assert cfg.stage_epochs() == (10, 1, 4) and cfg.patience == TrialConfig().patience
+    args = _train_args("--dataset", "ml-100k", "--quick", "--set", "stage3_epochs=8")
+    cfg = build_config(args)
+    assert (cfg.stage1_epochs, cfg.stage2_epochs, cfg.stage3_epochs) == (10, 1, 8)
+    assert training_plan(cfg, args) == ("training: stage 1 at most 10 epochs, stage 2 1, stage 3 at most 8; "
+                                        "validation every 5 epochs, stopping after 4 without improvement "
+                                        "(--quick, stage3_epochs from --set)")
+
+
+def test_shortening_some_stages_names_the_ones_left_long() -> None:
+    """The trap of the issue: stage 1 and 3 set to 2 epochs, the warm-up's 5 and evaluation every 5 stay."""
+    from adrec.cli import build_config, training_plan
+
+    args = _train_args("--dataset", "ml-100k", "--set", "stage1_epochs=2", "--set", "stage3_epochs=2")
+    text = training_plan(build_config(args), args)
+    assert text.splitlines() == [
+        "training: stage 1 at most 2 epochs, stage 2 5, stage 3 at most 2; validation every 5 epochs, stopping "
+        "after 4 without improvement",
+        "note: stage2_epochs=5, eval_every=5 kept from the config; a quick run is `--quick` (stage1_epochs=10, "
+        "stage2_epochs=1, stage3_epochs=4, eval_every=5)"]
+    full = _train_args("--dataset", "ml-100k")
+    assert "note" not in training_plan(build_config(full), full)
+
+
 # --- knobs ------------------------------------------------------------------------------------
 def test_knobs_lists_every_knob_with_paper_name_range_scale_condition_and_default() -> None:
     proc = run("knobs")

@@ -86,7 +86,7 @@ def test_builtin_spaces_sample_only_valid_configs():
     smoke, paper = load_space("smoke"), load_space("paper")
     assert smoke.datasets == ("ml-100k",) and sum(Plan(
         name="s", space=smoke, datasets=smoke.datasets, baselines=smoke.baselines, metric="NDCG@20", seed=0,
-        max_users=0, data_dir=".", **smoke.counts()).counts().values()) <= 4
+        max_users=0, data_dir=".", **smoke.counts()).counts().values()) == 17  # 12 paired + 4 confirm + 1 baseline
     assert paper.params == () and paper.space_filling(3, 0) == [{}, {}, {}]
 
 
