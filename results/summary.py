@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from results.knobs import by_name, fmt_value
-from results.table import PHASES, STATUSES
+from results.knobs import active, by_name, fmt_value
+from results.table import ERROR_STATUSES, PHASES, STATUSES
 
 # ADRec's published test numbers (KDD 2025, Table 2) where they exist, as fractions.
 PUBLISHED: dict[str, dict[str, float]] = {
@@ -57,7 +57,7 @@ def best_configs(table: pd.DataFrame, metric: str, knobs: list[str],
                 row[f"{m}_sd"] = runs[m].std(ddof=1)
         first = runs.iloc[[0]]
         row["knobs"] = ", ".join(f"{k}={fmt_value(first[k].iloc[0])}" for k in knobs
-                                 if k in runs and by_name(k).applies(first).iloc[0])
+                                 if k in runs and active(first, by_name(k)).iloc[0])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -102,18 +102,26 @@ def published_for(dataset: str) -> dict[str, float] | None:
 
 def top_trials(table: pd.DataFrame, dataset: str, metric: str, knobs: list[str],
                n: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(best completed ADRec trials ranked, pruned trials flagged and unranked, failures)."""
+    """(the n best completed ADRec trials ranked, every pruned trial flagged and unranked, every
+    diverged or failed trial). Callers that show fewer rows say how many they leave out."""
     part = table[(table["dataset"] == dataset) & (table["model"] == "adrec")
                  & (table["phase"] != "baseline")].copy()
-    for k in knobs:  # a conditional knob's value means nothing where it does not apply
-        part[k] = part[k].astype(object).where(by_name(k).applies(part), None)
+    for k in knobs:  # a conditional knob's value means nothing where it is inactive
+        part[k] = part[k].astype(object).where(active(part, by_name(k)), None)
     cols = ["trial_id", "phase", "seed", "status", metric, *knobs]
     cols = [c for c in dict.fromkeys(cols) if c in part]
     done = part[part["status"] == "completed"].sort_values(metric, ascending=False).head(n)
     done = done[cols].reset_index(drop=True)
     done.insert(0, "rank", range(1, len(done) + 1))
-    pruned = part[part["status"] == "pruned"].sort_values(metric, ascending=False).head(n)[cols]
+    pruned = part[part["status"] == "pruned"].sort_values(metric, ascending=False)[cols]
     pruned = pruned.assign(flag="pruned: lower budget, not ranked").reset_index(drop=True)
-    bad_cols = [c for c in ("trial_id", "phase", "status", "error") if c in part]
-    bad = part[part["status"].isin(["diverged", "failed"])][bad_cols].head(n)
+    bad_cols = [c for c in ("trial_id", "phase", "status", *knobs, "error") if c in part]
+    bad = part[part["status"].isin(ERROR_STATUSES)][bad_cols]
     return done, pruned, bad.reset_index(drop=True)
+
+
+def failed_trials(table: pd.DataFrame, knobs: list[str]) -> pd.DataFrame:
+    """Every diverged or failed trial with its knobs and error (the report's full list)."""
+    cols = [c for c in ("dataset", "trial_id", "phase", "model", "seed", "status", *knobs, "error")
+            if c in table]
+    return table[table["status"].isin(ERROR_STATUSES)][cols].reset_index(drop=True)

@@ -14,27 +14,36 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec.config import field_names
-from results.knobs import KNOB_NAMES, KNOBS, Knob, default_of, fmt_value
+from adrec.config import METRICS, TrialConfig, field_names
+from adrec.record import ERROR_STATUSES, PHASES, STATUSES, RecordError, read_table
+from results.knobs import KNOB_NAMES, KNOBS, Knob, active, default_of, fmt_value
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("dataset", "trial_id", "phase", "status", "seed")
-PHASES: tuple[str, ...] = ("paired", "optimize", "confirm", "baseline")
-STATUSES: tuple[str, ...] = ("completed", "pruned", "diverged", "failed")
-DEFAULT_METRIC = "val_NDCG@20"
-COST_METRICS: tuple[str, ...] = ("test_HR@20", "test_NDCG@20")  # what a choice costs, on test
+DEFAULT_METRIC = f"val_{TrialConfig().select_metric}"
 # Fields that identify where/how a config ran rather than what it is: not part of config_id.
-_NOT_CONFIG = {"dataset", "data_dir", "device", "seed", "max_users"}
+_NOT_CONFIG = {"dataset", "data_dir", "device", "seed", "max_users", "eval_batch_size",
+               "select_metric"}
+__all__ = ["ERROR_STATUSES", "PHASES", "STATUSES", "TableError", "check_table", "load_table"]
 
 
-class TableError(ValueError):
+class TableError(RecordError):
     """The trial table cannot be analysed; the message says why and how to fix it."""
+
+
+def cost_metrics(metric: str) -> tuple[str, ...]:
+    """What a choice costs, on the test split: every test metric at the objective's cut-off."""
+    cutoff = metric.rsplit("@", 1)[-1] if "@" in metric else "20"
+    return tuple(f"test_{m}" for m in METRICS if m.endswith(f"@{cutoff}"))
 
 
 def load_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise TableError(f"no trial table at {path}; run the sweep first or pass the folder that "
                          "holds trials.parquet")
-    return pd.read_parquet(path)
+    try:
+        return read_table(path)
+    except RecordError as err:
+        raise TableError(str(err)) from None
 
 
 def check_table(table: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
@@ -140,12 +149,13 @@ def config_means(rows: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     bootstrap these units, not the rows.
     """
     knobs = [k for k in KNOB_NAMES if k in rows.columns]
-    extra = [c for c in ("denoiser",) if c in rows.columns and c not in knobs]
     present = [m for m in metrics if m in rows.columns]
     grouped = rows.groupby(["dataset", "config_id"], sort=True)
     units = grouped[present].mean()
     units["n_seeds"] = grouped.size()
-    firsts = grouped[knobs + extra].first()
+    # first(), not a mean: a knob that is null where inactive stays null (first() skips nulls
+    # only within a group, and a config's knobs are the same in every seed)
+    firsts = grouped[knobs].first()
     return units.join(firsts).reset_index()
 
 
@@ -156,15 +166,14 @@ def knob_status(table: pd.DataFrame) -> tuple[list[Knob], pd.DataFrame]:
         if knob.name not in table.columns:
             fixed.append((knob.name, "not in table"))
             continue
-        values = table.loc[knob.applies(table), knob.name].dropna()
+        values = table.loc[active(table, knob), knob.name]
         distinct = values.astype(str).unique()
         if len(distinct) >= 2:
             varying.append(knob)
         elif len(distinct) == 1:
             fixed.append((knob.name, f"fixed at {fmt_value(values.iloc[0])}"))
         else:
-            column, value = knob.condition or ("", "")
-            fixed.append((knob.name, f"not used: no trial has {column}={value!r}"))
+            fixed.append((knob.name, f"never active (needs {knob.describe_when()})"))
     frame = pd.DataFrame(fixed, columns=["knob", "setting"])
     frame["default"] = [fmt_value(default_of(k)) for k in frame["knob"]]
     return varying, frame
