@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,17 +47,40 @@ def node_ip() -> str:
     return ray._private.services.get_node_ip_address()
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, what: str, log: Path | None = None) -> None:
-    """Block until host:port accepts TCP connections; TimeoutError naming `what` (and its log) otherwise."""
+class NodeStartError(RuntimeError):
+    """A node that died (or never listened) at start-up; the message carries its own log excerpt."""
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, what: str, log: Path | None = None,
+                  node: "Node | None" = None) -> None:
+    """Block until host:port accepts TCP connections. A node whose `ray start` exits first, or that
+    does not listen within `timeout_s`, raises NodeStartError with what its raylet/GCS logged."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             socket.create_connection((host, port), timeout=1).close()
             return
         except OSError:
+            if node is not None and not node.alive:
+                raise NodeStartError(f"{what} died at start-up (exit {node.process.returncode}): "
+                                     f"{node_failure(node)}") from None
             time.sleep(0.3)
-    tail = log.read_text()[-2000:] if log and log.exists() else ""
-    raise TimeoutError(f"{what} did not listen on {host}:{port} within {timeout_s:g} s; its output:\n{tail}")
+    detail = node_failure(node) if node is not None else (log.read_text()[-2000:] if log and log.exists() else "")
+    raise NodeStartError(f"{what} did not listen on {host}:{port} within {timeout_s:g} s: {detail}")
+
+
+def node_failure(node: "Node") -> str:
+    """What a node's own logs say about its death: the first fatal line of its raylet/GCS/agent
+    logs (its session folder under the node's temp dir), else the tail of `ray start`'s output."""
+    from sweeps.local_ray import log_excerpt
+
+    sessions = sorted(node.temp_dir.glob("session_*/logs"), key=lambda p: p.stat().st_mtime) if node.temp_dir else []
+    found = log_excerpt(sessions[-1]) if sessions else ""
+    where = f"; logs kept in {sessions[-1] if sessions else node.log}"
+    if found:
+        return found + where
+    tail = node.log.read_text(errors="replace").strip().splitlines()[-5:] if node.log.exists() else []
+    return (" | ".join(tail) or "no output") + where
 
 
 @dataclass
@@ -67,6 +91,7 @@ class Node:
     process: subprocess.Popen
     node_manager_port: int
     log: Path
+    temp_dir: Path | None = None
 
     @property
     def alive(self) -> bool:
@@ -90,33 +115,40 @@ class LocalCluster:
         if token_path:
             self.env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
         self.nodes: list[Node] = []
+        self.failed: list[Node] = []  # nodes that died at start-up (their logs are kept)
+        self.keep_logs = False  # set when a node failed: stop() leaves the temp dir for reading
         self.ip = node_ip()
         self.address: str | None = None
         self.dashboard_url: str | None = None
 
     # ----------------------------------------------------------------------------------- start
     def _spawn(self, name: str, args: list[str], node_manager_port: int, wrap: list[str] | None = None,
-               env: dict[str, str] | None = None) -> Node:
+               env: dict[str, str] | None = None, own_temp_dir: bool = True) -> Node:
         log = self.root / f"{name}.log"
         args = args + [f"--node-manager-port={node_manager_port}"]
         # A temp dir per node, as on separate machines: nodes that share one would share
         # runtime_resources/, and one node's cleanup of a job's working_dir removes it under the others.
-        args = args + [f"--temp-dir={self.root / name}"]
+        temp_dir = self.root / name if own_temp_dir else self.root / "ray"
+        if own_temp_dir:
+            args = args + [f"--temp-dir={temp_dir}"]
         # Ports other Rays on this machine may hold by default (agents 52365, metrics, client 10001).
         args = args + [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         process = subprocess.Popen((wrap or []) + [RAY_CLI, "start", *args, "--block", "--disable-usage-stats"],
                                    env={**self.env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        node = Node(name, process, node_manager_port, log)
+        node = Node(name, process, node_manager_port, log, temp_dir)
         self.nodes.append(node)
         return node
 
     def start_head(self, *, num_cpus: int = 0, num_gpus: int = 0, dashboard: bool = False,
-                   autoscaling_config: str | Path | None = None, timeout_s: float = 90) -> str:
+                   autoscaling_config: str | Path | None = None, timeout_s: float = 90,
+                   discoverable: bool = False) -> str:
         """Start the head (CPU 0 by default: it runs no trials); returns the GCS address `ip:port`.
         `autoscaling_config`: a fake_multinode YAML (tests/fake_cluster/autoscaler.yaml); its
-        provider.gcs_address is set to this head, and RAY_FAKE_CLUSTER=1 is set for the autoscaler."""
+        provider.gcs_address is set to this head, and RAY_FAKE_CLUSTER=1 is set for the autoscaler.
+        `discoverable`: the head keeps Ray's default temp dir under RAY_TMPDIR, so it leaves the
+        address file `ray.init()` / `--address auto` look for, as a plain `ray start --head` does."""
         if self.address:
             raise RuntimeError(f"this LocalCluster already has a head at {self.address}")
         port, nm_port = free_port(), free_port()
@@ -135,25 +167,50 @@ class LocalCluster:
             path.write_text(yaml.safe_dump(config))
             args.append(f"--autoscaling-config={path}")
             env = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-        head = self._spawn("head", args, nm_port, env=env)
-        wait_for_port(self.ip, port, timeout_s, "the Ray head's GCS", head.log)
-        wait_for_port(self.ip, nm_port, timeout_s, "the Ray head's raylet", head.log)
-        if dashboard:
-            wait_for_port("127.0.0.1", dash, timeout_s, "the Ray dashboard", head.log)
+        head = self._spawn("head", args, nm_port, env=env, own_temp_dir=not discoverable)
+        try:
+            wait_for_port(self.ip, port, timeout_s, "the Ray head's GCS", head.log, head)
+            wait_for_port(self.ip, nm_port, timeout_s, "the Ray head's raylet", head.log, head)
+            if dashboard:
+                wait_for_port("127.0.0.1", dash, timeout_s, "the Ray dashboard", head.log, head)
+        except NodeStartError:
+            self.keep_logs = True
+            raise
         self.address = f"{self.ip}:{port}"
         return self.address
 
     def add_worker(self, *, num_cpus: int = 1, num_gpus: int = 0, wrap: list[str] | None = None,
-                   env: dict[str, str] | None = None, timeout_s: float = 90) -> Node:
+                   env: dict[str, str] | None = None, timeout_s: float = 90, attempts: int = 2,
+                   node_manager_port: int | None = None) -> Node:
         """A worker raylet joined to the head. `wrap` prefixes the command (e.g. `unshare -m ...`);
-        `env` adds variables for this node only (its raylet and its worker processes)."""
+        `env` adds variables for this node only (its raylet and its worker processes).
+
+        On a busy machine a raylet can abort at start-up (Ray 2.60 waits a fixed 30 s for its
+        dashboard agent); such a start is retried as a new node, `attempts` times in all. A node
+        that died raises NodeStartError with its own log excerpt; its logs stay (see `stop`)."""
         if not self.address:
             raise RuntimeError("start_head() first: a worker needs the head's address")
-        nm_port = free_port()
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
-        node = self._spawn(f"worker{len(self.nodes)}", args, nm_port, wrap=wrap, env=env)
-        wait_for_port(self.ip, nm_port, timeout_s, f"worker {node.name}'s raylet", node.log)
-        return node
+        for attempt in range(1, attempts + 1):
+            nm_port = node_manager_port or free_port()
+            args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
+            node = self._spawn(f"worker{len(self.nodes)}", args, nm_port, wrap=wrap, env=env)
+            try:
+                wait_for_port(self.ip, nm_port, timeout_s, f"worker {node.name}'s raylet", node.log, node)
+                return node
+            except NodeStartError:
+                self.keep_logs = True
+                self._end(node)
+                if attempt == attempts or not _transient(node):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _end(self, node: Node) -> None:
+        """Kill a node that failed at start-up and drop it from the cluster's node list."""
+        _kill_all(self.processes(node))
+        if node.process.poll() is None:
+            node.process.wait(timeout=30)
+        self.nodes.remove(node)
+        self.failed.append(node)
 
     # ----------------------------------------------------------------------------------- query
     def run_driver(self, code: str, timeout_s: float = 120) -> Any:
@@ -161,9 +218,16 @@ class LocalCluster:
         prelude = f"import json, ray\nray.init(address={self.address!r}, log_to_driver=False)\n"
         out = subprocess.run([sys.executable, "-c", prelude + code], env=self.env, capture_output=True,
                              text=True, timeout=timeout_s)
-        if out.returncode != 0:
-            raise RuntimeError(f"driver on {self.address} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        lines = out.stdout.strip().splitlines()
+        try:
+            if out.returncode == 0 and lines:
+                return json.loads(lines[-1])
+        except ValueError:
+            pass
+        dead = [f"{n.name}: {node_failure(n)}" for n in self.nodes if not n.alive]
+        raise RuntimeError(f"driver on {self.address} failed (exit {out.returncode}, last line "
+                           f"{(lines or ['(none)'])[-1][:200]!r})" + (f"; dead nodes: {'; '.join(dead)}" if dead else "")
+                           + f"\n{out.stderr[-3000:]}")
 
     def live_nodes(self) -> list[dict[str, Any]]:
         """`ray.nodes()` of the live nodes, each with NodeID, NodeManagerPort and Resources."""
@@ -208,7 +272,8 @@ class LocalCluster:
 
     def stop(self, grace_s: float = 2) -> None:
         """End every process this cluster started (workers first, then the head); remove the temp
-        dir (node logs included) when this object made it."""
+        dir (node logs included) when this object made it and no node failed (then the logs stay
+        and their folder is logged)."""
         procs = [p for node in self.nodes for p in self.processes(node)]
         for node in reversed(self.nodes):
             if node.alive:
@@ -227,8 +292,10 @@ class LocalCluster:
             if node.process.poll() is None:
                 node.process.wait(timeout=30)
         self._kill_leftovers()
-        if self._own_root:
+        if self._own_root and not self.keep_logs:
             shutil.rmtree(self.root, ignore_errors=True)
+        elif self.keep_logs:
+            print(f"cluster.local: a node failed; its logs are kept in {self.root}", file=sys.stderr)
 
     def _kill_leftovers(self) -> None:
         """Kill processes outside the node groups (e.g. job drivers, which Ray starts in their own
@@ -254,6 +321,11 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _transient(node: Node) -> bool:
+    """A start-up death a retry may cure (a timeout on a busy machine), not a bad setting."""
+    return bool(re.search(r"timed? ?out", node_failure(node), re.IGNORECASE))
 
 
 def _kill_all(procs: list) -> None:

@@ -125,8 +125,7 @@ class Driver:
 
     def _remove_leftovers(self) -> None:
         """Temp files a killed writer left (`.<name>.<pid>.tmp`); never read, removed under the lock."""
-        for tmp in self.dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        storage.remove_temp_files(self.dir)
 
     def _stopped(self, why: str) -> int:
         if not why.startswith("storage"):
@@ -137,6 +136,7 @@ class Driver:
                 if failure is None:
                     raise
                 why = f"storage: {failure}"
+        storage.remove_temp_files(self.dir)  # what writers that met the failure left behind
         fix = "free space or fix the storage, then finish it with" if why.startswith("storage") else "finish it with"
         print(f"sweep {self.plan.name!r} stopped ({why}); {fix}: "
               f"{resume_command(self.plan.name, str(self.args.storage))}", flush=True)
@@ -192,6 +192,7 @@ class Driver:
         """Run (or restore) one phase; True when all its trials have finished."""
         exp = self.experiment(phase)
         restoring = self.store.has_experiment(phase) and tune.Tuner.can_restore(exp)
+        fs = self.store.ray_filesystem()
         known = self.known(phase) if restoring else {}
         if phase == "optimize":
             if self.plan.num_samples == 0:
@@ -221,8 +222,8 @@ class Driver:
                                         {"cpu": self.args.cpus_per_trial, "gpu": self.args.gpus_per_trial})
         if restoring:
             self._say(f"{phase}: restoring {len(known)} known trial(s) from {exp}")
-            tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+            tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False, storage_filesystem=fs)
         else:
             tuner = tune.Tuner(
                 trainable, param_space={},
@@ -230,7 +231,7 @@ class Driver:
                                             num_samples=NUM_SAMPLES_CAP, reuse_actors=True,
                                             trial_dirname_creator=trial_dirname, trial_name_creator=trial_name),
                 run_config=tune.RunConfig(
-                    name=phase, storage_path=self.store.experiments,
+                    name=phase, storage_path=self.store.experiments, storage_filesystem=fs,
                     failure_config=tune.FailureConfig(max_failures=self.args.max_failures),
                     # num_to_keep=1 also makes Ray sync the experiment state after every checkpoint,
                     # so a kill loses at most the evaluation in flight.

@@ -15,14 +15,16 @@ agent's logs) and the fix; the logs of the failed attempt are kept and named.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # Read by every Ray process we start (RayConfig reads RAY_<name>): generous start-up timeouts.
 STARTUP_ENV = {
@@ -69,7 +71,8 @@ def start(*, num_cpus: int | None = None, num_gpus: int | None = None, log_to_dr
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
         try:
-            ray.init(**kwargs)
+            with _stderr_to(Path(temp_dir) / "driver-startup.err"):  # Ray's C++ client logs each retry
+                ray.init(**kwargs)
             return temp_dir
         except Exception as exc:  # noqa: BLE001 - every start-up failure becomes one line
             cause = startup_cause(exc, Path(temp_dir))
@@ -77,9 +80,13 @@ def start(*, num_cpus: int | None = None, num_gpus: int | None = None, log_to_dr
                 ray.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+            if not _TRANSIENT.search(cause):  # a port in use, a bad setting: the same again next time
+                attempts = attempt
+                break
             logging.getLogger("sweeps.local_ray").warning("local Ray start %d of %d failed: %s", attempt,
                                                           attempts, cause)
-    raise LocalRayError(f"could not start a local Ray ({attempts} attempts): {cause}; logs of the last attempt in "
+    tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
+    raise LocalRayError(f"could not start a local Ray ({tries}): {cause}; logs of the last attempt in "
                         f"{temp_dir}/session_latest/logs; {FIX}")
 
 
@@ -88,13 +95,31 @@ def cleanup(temp_dir: str | None) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 (where Ray's C++ code logs) to `path` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def startup_cause(exc: BaseException, temp_dir: Path) -> str:
-    """The exception's first line, plus what the raylet or the dashboard agent logged when it died."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    """The exception's first sentence, plus what the GCS, the raylet or the dashboard agent logged
+    when it died."""
+    first = re.split(r"(?<=\.)\s+Last \d+ lines|\n", str(exc).strip() or type(exc).__name__)[0][:200]
     found = log_excerpt(temp_dir / "session_latest" / "logs")
     return f"{type(exc).__name__}: {first}" + (f" ({found})" if found else "")
 
 
+_TRANSIENT = re.compile(r"timed? ?out|TimeoutError", re.IGNORECASE)
+_BOILERPLATE = re.compile(r"An unexpected system state has occurred\..*?(fix it|to fix this)\.?\s*", re.DOTALL)
 _FATAL = re.compile(r"(Check failed|Timed out waiting for file|FATAL|Failed to|address already in use|"
                     r"No space left|Permission denied|Too many open files)", re.IGNORECASE)
 
@@ -109,7 +134,7 @@ def log_excerpt(log_dir: Path, files: tuple[str, ...] = ("raylet.out", "raylet.e
         except OSError:
             continue
         for line in lines:
-            if _FATAL.search(line) and "WARNING" not in line[:60]:
-                text = re.sub(r"^\[[^\]]*\]\s*", "", line.strip())
+            if _FATAL.search(line) and "WARNING" not in line[:60] and " W " not in line[:40]:
+                text = _BOILERPLATE.sub("", re.sub(r"^\[[^\]]*\]\s*", "", line.strip()))
                 return f"{name}: {text[:300]}"
     return ""

@@ -48,7 +48,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+        if ("default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or not action.option_strings
                 or isinstance(action, argparse.BooleanOptionalAction)):
             return text
         return f"{text} (default: %(default)s)"
@@ -263,10 +264,30 @@ class _NoTunerRestoreHint(logging.Filter):
         return "Tuner.restore(" not in record.getMessage()
 
 
+class _OneLineStorageFailures(logging.Filter):
+    """A trial that fails because the storage is full or gone makes Ray log its whole traceback;
+    the sweep stops on it with the --resume line, so one line per failure is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from sweeps.storage import storage_failure
+
+        exc = record.exc_info[1] if record.exc_info else None
+        failure = storage_failure(exc) if exc is not None else None
+        if failure:
+            record.msg, record.args = f"{record.getMessage()}: {failure}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("ray.tune.tune").addFilter(_NoTunerRestoreHint())
+    import ray  # noqa: F401 - only when running a sweep: Ray installs its own log handlers at import
+
+    for logger in (logging.getLogger(), logging.getLogger("ray")):
+        for handler in logger.handlers:
+            handler.addFilter(_OneLineStorageFailures())
     # Read by Ray Tune at import: a busy 2-core machine makes 0.5 s callbacks common, not a problem.
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
 

@@ -64,8 +64,12 @@ def is_uri(storage: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", storage))
 
 
-def storage_failure(exc: BaseException) -> str | None:
-    """One line naming the storage failure when `exc` is one (else None)."""
+_STORAGE_TEXT = re.compile(r"No space left on device|Read-only file system|Disk quota exceeded|Stale file handle")
+
+
+def storage_failure(exc: BaseException | None) -> str | None:
+    """One line naming the storage failure when `exc` is one (else None). Follows causes, and Ray's
+    task errors (which carry the trial's exception as `cause` or only as text)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -76,7 +80,10 @@ def storage_failure(exc: BaseException) -> str | None:
             return f"{os.strerror(exc.errno)}{where}"
         if isinstance(exc, FileNotFoundError) and exc.filename and not Path(exc.filename).parent.exists():
             return f"the folder of {exc.filename} is gone (a removed or unmounted storage?)"
-        exc = exc.__cause__ or exc.__context__
+        found = _STORAGE_TEXT.search(str(exc))
+        if found and type(exc).__module__.startswith(("ray", "pyarrow")):
+            return found.group(0)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 
 
@@ -107,6 +114,11 @@ class SweepStore:
     def experiments(self) -> str:
         """What Ray Tune's storage_path and Tuner.restore get: the URI, or the local folder."""
         return self.uri or str(self.local)
+
+    def ray_filesystem(self) -> Any:
+        """Ray Tune's storage_filesystem: None for a URI (pyarrow's own, whose PUTs are atomic), the
+        atomic local filesystem for a folder."""
+        return None if self.uri else atomic_local_filesystem()
 
     def describe(self) -> str:
         return self.uri or str(self.local)
@@ -236,6 +248,177 @@ def _write_local(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --- local experiments: every file Ray writes appears whole or not at all ------------------------
+class _AtomicFile:
+    """A file written under a temp name and renamed into place (after fsync) only when every write
+    succeeded: a full disk leaves the previous version, never a truncated one."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)  # as pyarrow's LocalFileSystem does
+        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        self._f = open(self.tmp, "wb")
+        self._failed = False
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except BaseException:
+            self._failed = True
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self._failed:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self._f.close()
+            if self._failed:
+                Path(self.tmp).unlink(missing_ok=True)
+            else:
+                os.replace(self.tmp, self.path)
+
+    def __del__(self) -> None:  # a writer that gave up without closing (pyarrow after an error)
+        if not getattr(self, "closed", True):
+            self._failed = True
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    # what pyarrow's PythonFile asks of a writable handle
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _atomic_handler_class() -> type:
+    import pyarrow
+    import pyarrow.fs
+
+    class AtomicLocalHandler(pyarrow.fs.FileSystemHandler):
+        """pyarrow's LocalFileSystem, except that output files are written atomically."""
+
+        def __init__(self) -> None:
+            self.fs = pyarrow.fs.LocalFileSystem()
+
+        def __reduce__(self) -> tuple:  # travels to trial workers inside Ray's storage context
+            return (_new_atomic_handler, ())
+
+        def __eq__(self, other: object) -> bool:
+            return type(other).__name__ == "AtomicLocalHandler"
+
+        def __ne__(self, other: object) -> bool:
+            return not self == other
+
+        def get_type_name(self) -> str:
+            return "adrec-atomic-local"
+
+        def normalize_path(self, path: str) -> str:
+            return self.fs.normalize_path(path)
+
+        def get_file_info(self, paths: list) -> list:
+            return self.fs.get_file_info(paths)
+
+        def get_file_info_selector(self, selector: Any) -> list:
+            return self.fs.get_file_info(selector)
+
+        def create_dir(self, path: str, recursive: bool) -> None:
+            self.fs.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path: str) -> None:
+            self.fs.delete_dir(path)
+
+        def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+            self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self) -> None:
+            raise OSError("refusing to delete the contents of /")
+
+        def delete_file(self, path: str) -> None:
+            self.fs.delete_file(path)
+
+        def move(self, src: str, dest: str) -> None:
+            self.fs.move(src, dest)
+
+        def copy_file(self, src: str, dest: str) -> None:
+            with self.fs.open_input_stream(src) as source:
+                out = _AtomicFile(dest)
+                try:
+                    while chunk := source.read(1 << 20):
+                        out.write(chunk)
+                except BaseException:
+                    out._failed = True
+                    out.close()
+                    raise
+                out.close()
+
+        def open_input_stream(self, path: str) -> Any:
+            return self.fs.open_input_stream(path)
+
+        def open_input_file(self, path: str) -> Any:
+            return self.fs.open_input_file(path)
+
+        def open_output_stream(self, path: str, metadata: Any = None) -> Any:
+            return pyarrow.PythonFile(_AtomicFile(path), mode="w")
+
+        def open_append_stream(self, path: str, metadata: Any = None) -> Any:
+            return self.fs.open_append_stream(path)
+
+    return AtomicLocalHandler
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Remove the `.<name>.<pid>.tmp` files killed or failed writers left under `folder` (never read;
+    call it only while holding the sweep's lock). Returns how many."""
+    count = 0
+    for tmp in folder.rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+            count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _new_atomic_handler() -> Any:
+    return _atomic_handler_class()()
+
+
+def atomic_local_filesystem() -> Any:
+    """A pyarrow filesystem for Ray Tune's `storage_filesystem` on a local/NFS sweep folder: Ray writes
+    its experiment state with a plain open("w") and copies it into the storage, so a full disk left
+    a truncated experiment_state-*.json that no restore could read; through this filesystem each
+    file Ray writes appears complete or not at all."""
+    import pyarrow.fs
+
+    return pyarrow.fs.PyFileSystem(_new_atomic_handler())
 
 
 # --- the live sweep folder of this driver process (searchers and callbacks ask for it) ----------
