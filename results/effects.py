@@ -120,7 +120,9 @@ def fit_dataset(dataset: str, units: pd.DataFrame, levels: dict[str, Levels], me
                       stacklevel=2)
         return fit
     additive = lm.fit(codes, n_levels, y, values=values, level_values=level_values)
-    if len(y) - additive.p < 3 and values:  # too few configs for the trend terms: bins only
+    if len(y) - additive.p < additive.p and values:
+        # the trend terms cost two columns per numeric knob: with fewer residual degrees of
+        # freedom than terms they would eat the power to see anything; bins only
         additive = lm.fit(codes, n_levels, y)
     if len(y) - additive.p < 3:
         warnings.warn(f"dataset {dataset!r}: {len(y)} configs for {additive.p} model terms; "

@@ -349,3 +349,21 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     non_white = (pixels < 0.95).any(axis=-1).mean()
     assert 0.01 < non_white < 0.9
     assert len(np.unique(pixels.reshape(-1, 3).round(2), axis=0)) > 20
+
+
+def test_failure_flags_blame_the_level_not_its_companions():
+    """adaln (Transformer only) diverges in half of its d1 runs: adaln is flagged, the
+    Transformer denoiser that merely co-occurs with it is not."""
+    from results.failures import failure_rates
+    from results.synthetic import FULL_SPACE, mlp_branch
+
+    table = make_table(lambda d, c: 0.05, n_configs=200, seeds=2, datasets=("d1",),
+                       space=FULL_SPACE, confound=mlp_branch, extras=False,
+                       diverge=lambda d, c: 0.5 if c["aggregation"] == "adaln" else 0.0)
+    units = table[table["status"] == "completed"].drop_duplicates("config_id")
+    levels = {k: make_levels(units, by_name(k)) for k in ("aggregation", "denoiser", "lr")}
+    rates = failure_rates(table, levels).set_index(["knob", "level"])
+    assert rates.loc[("aggregation", "adaln"), "flagged"]
+    assert rates.loc[("denoiser", "transformer"), "bad_rate"] > rates.loc[("denoiser", "mlp"),
+                                                                         "bad_rate"]
+    assert not rates["flagged"].drop(("aggregation", "adaln")).any()
