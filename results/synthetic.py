@@ -161,7 +161,7 @@ def make_table(truth: Truth = planted_truth, n_configs: int = 160, seeds: int = 
         best = max(configs, key=lambda c: truth(dataset, active_values({**defaults, **c})))
         for s in range(3):
             add(dataset, {**best, "config_id": f"best_{dataset}"}, "confirm", 200 + s)
-        for j in range(4):
+        for j in range(min(4, len(configs))):
             opt = {**configs[j], "config_id": None}
             add(dataset, opt, "optimize", 300 + j, status="completed")
             add(dataset, opt, "optimize", 400 + j, status="pruned", value=BASE[dataset] * 3)

@@ -11,10 +11,13 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adrec.record import STAGES, TABLE_FILE, RecordError, read_table  # noqa: E402
 
 
 def markdown(df: pd.DataFrame, metric: str) -> str:
-    seconds = df[["seconds_stage1", "seconds_stage2", "seconds_stage3"]].sum(axis=1, min_count=1)
+    seconds = df[[f"seconds_{s}" for s in STAGES]].sum(axis=1, min_count=1)
     view = pd.DataFrame({
         "phase": df["phase"], "dataset": df["dataset"], "config": df["config_id"], "seed": df["seed"],
         "model": df["model"], "status": df["status"],
@@ -33,11 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep", nargs="?", default=str(REPO / "runs" / "smoke"), help="sweep folder")
     p.add_argument("--metric", default="NDCG@20")
     args = p.parse_args(argv)
-    path = Path(args.sweep) / "trials.parquet"
+    path = Path(args.sweep) / TABLE_FILE
     if not path.exists():
         print(f"no {path}; run `python sweeps/run.py --space smoke` first", file=sys.stderr)
         return 2
-    print(markdown(pd.read_parquet(path), args.metric))
+    try:
+        table = read_table(path)
+    except RecordError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(markdown(table, args.metric))
     return 0
 
 
