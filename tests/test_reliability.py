@@ -164,20 +164,23 @@ def test_without_address_the_sweep_never_joins_a_ray_start_cluster(tmp_path):
 
     with LocalCluster(auth_mode="disabled") as stranger:
         stranger.start_head(num_cpus=1, discoverable=True)
+        # `ray start` writes its address file once the node is up, after its ports listen
+        wait_for(lambda: (stranger.root / "ray" / "ray_current_cluster").exists(), 120, what="the address file")
         find = ("from ray._private.services import canonicalize_bootstrap_address\n"
                 "print(canonicalize_bootstrap_address(None))")
         found = subprocess.run([sys.executable, "-c", find], env=stranger.env, capture_output=True, text=True,
                                timeout=60)
         assert found.stdout.strip().splitlines()[-1] == stranger.address  # what ray.init() would join
         stranger_nodes = {n["NodeID"] for n in stranger.live_nodes()}
+        count_jobs = "print(json.dumps(len(ray._private.state.state.job_table())))"
+        before = stranger.run_driver(count_jobs)
         space = write_space(tmp_path, "private", paired=1, stage3_epochs=1)
         out = subprocess.run(sweep_cmd(space, tmp_path / "runs", "--quiet"), cwd=REPO, env=stranger.env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         df = pd.read_parquet(tmp_path / "runs" / "private" / "trials.parquet")
         assert len(df) == 1 and df["node_id"][0] and df["node_id"][0] not in stranger_nodes
-        jobs = stranger.run_driver("print(json.dumps(len(ray._private.state.state.job_table())))")
-        assert jobs == 1  # only the query just made: the sweep never connected
+        assert stranger.run_driver(count_jobs) == before + 1  # only this query: the sweep never connected
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,8 +425,7 @@ def test_a_raylet_dying_at_start_is_reported_with_its_log_and_the_logs_stay():
     try:
         cluster.start_head()
         with socket.socket() as busy:  # the worker's node-manager port is taken: its raylet aborts
-            busy.bind(("0.0.0.0", 0))
-            busy.listen()
+            busy.bind(("0.0.0.0", 0))  # bound, not listening: nobody answers there but the raylet can't bind
             with pytest.raises(NodeStartError, match=r"worker1's raylet died at start-up .*raylet\.(out|err): .*"
                                                      r"(Check failed|Failed).*logs kept in"):
                 cluster.add_worker(num_cpus=1, node_manager_port=busy.getsockname()[1], timeout_s=120)
