@@ -149,6 +149,8 @@ def _analyse(table: pd.DataFrame, metric: str, n_boot: int, seed: int) -> Analys
     if paired.empty:
         paired = table[(table["model"] == "adrec") & (table["phase"] != "baseline")]
     failures = failure_rates(paired, levels)
+    rates = failures[["knob", "dataset", "level", "runs", "diverged_rate", "failed_rate"]]
+    level_tab = level_tab.merge(rates, on=["knob", "dataset", "level"], how="left")  # beside it
     best = summary.best_configs(table, metric, names, cost)
     tune = fx.tunability(fits)
     result = Analysis(

@@ -70,7 +70,7 @@ class DatasetFit:
     units: pd.DataFrame  # this dataset's paired configs (one row each)
     levels: dict[str, Levels]
     model: lm.LevelModel | None
-    additive: lm.LevelModel | None = None  # without interactions: the main-effect shares
+    additive: lm.LevelModel | None = None  # without interactions: the pair screen's baseline
     eligible: dict[str, list[int]] = field(default_factory=dict)  # rankable levels per knob
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # every screened pair
     tss: float = np.nan
@@ -139,7 +139,8 @@ def fit_dataset(dataset: str, units: pd.DataFrame, levels: dict[str, Levels], me
     specs = set(fit.model.specs)
     for name, c in codes.items():
         counts = np.bincount(c[c >= 0], minlength=n_levels[name])
-        fit.eligible[name] = [lv for lv in range(n_levels[name]) if counts[lv] >= MIN_UNITS_PER_LEVEL
+        fit.eligible[name] = [lv for lv in range(n_levels[name])
+                              if counts[lv] >= MIN_UNITS_PER_LEVEL
                               and (lv == fit.model.ref[name] or ("main", name, lv) in specs)]
     return fit
 
@@ -421,24 +422,32 @@ def heatmap(fit: DatasetFit, j: str, k: str) -> pd.DataFrame:
 
 def variance_shares(fits: list[DatasetFit]) -> pd.DataFrame:
     """Functional-ANOVA variance shares of each dataset's level model, unnormalised: each
-    knob's main effect, each kept interaction, the seed noise, and the rest (other
-    interactions and lack of fit) as fractions of the variance of the config means."""
+    knob's main effect (the variance over configs of its partial dependence at each config's
+    level, Hooker's functional ANOVA on the empirical design), each kept interaction (the
+    variance its block explains), the seed noise, and the rest (other interactions and lack of
+    fit), all as fractions of the variance of the config means."""
     rows = []
     for fit in fits:
         if fit.model is None or not fit.tss:
             continue
-        model, X = fit.additive, fit.additive.matrix()
-        n = model.n
+        model, n, X = fit.model, fit.model.n, fit.model.matrix()
         for knob in fit.knobs:
-            cols = [i for i, s in enumerate(model.specs)
-                    if s[0] in ("main", "slope", "curve") and s[1] == knob]
-            on = model.codes[knob] >= 0
-            contrib = X[on][:, cols] @ model.beta[cols]
-            share = float(np.sum((contrib - contrib.mean()) ** 2) / fit.tss) if cols else 0.0
+            codes = model.codes[knob]
+            on = codes >= 0
+            # the knob's own terms at each config's value, plus its interaction terms averaged
+            # over the partner's configs (the partial dependence, at the config's own value)
+            own = [i for i, sp in enumerate(model.specs)
+                   if sp[0] in ("main", "slope", "curve") and sp[1] == knob]
+            pair = [i for i, sp in enumerate(model.specs) if sp[0] == "pair" and knob in sp[1::2]]
+            avg = {int(lv): float(model.pd_vector({knob: int(lv)})[pair] @ model.beta[pair])
+                   for lv in np.unique(codes[on])}
+            values = X[on][:, own] @ model.beta[own] + np.array([avg[c] for c in codes[on]])
+            share = float(np.sum((values - values.mean()) ** 2) / fit.tss) if len(values) else 0.0
             rows.append({"dataset": fit.dataset, "component": knob, "kind": "main",
                          "share": share, "n_configs": int(on.sum())})
         for _, pair in fit.pairs[fit.pairs["kept"]].iterrows() if len(fit.pairs) else []:
-            rows.append({"dataset": fit.dataset, "component": f"{pair['knob_a']} x {pair['knob_b']}",
+            rows.append({"dataset": fit.dataset,
+                         "component": f"{pair['knob_a']} x {pair['knob_b']}",
                          "kind": "interaction", "share": float(pair["share"]), "n_configs": n})
         seeds = fit.units["n_seeds"].to_numpy(float)
         noise = (fit.floor ** 2 * np.mean(1 / seeds) * (n - 1) / fit.tss

@@ -282,7 +282,8 @@ def _dataset_section(result: Analysis, dataset: str) -> list[Block]:
     lev = lev.assign(**{"95% CI": [f"[{lo:.4g}, {hi:.4g}]" for lo, hi in
                                    zip(lev["ci_low"], lev["ci_high"])]})
     lev = lev[["knob", "level", "n_configs", "raw_mean", "mean", "95% CI", "recommended",
-               *cost]].rename(columns={"mean": f"adjusted {m}", "raw_mean": f"raw {m}"})
+               *cost, "runs", "diverged_rate", "failed_rate"]].rename(
+        columns={"mean": f"adjusted {m}", "raw_mean": f"raw {m}", "runs": "paired runs"})
     blocks += [Heading(3, "Metric per level"), Table(lev, "adjusted = the level model's partial "
                                                           "dependence; raw = plain level mean")]
     best = result.best[result.best["dataset"] == dataset].drop(columns="dataset")
