@@ -8,8 +8,10 @@ Ray's part is what `ray up` itself runs: the config is completed with the provid
 `validate_config`. The project's rules: the head runs no trials, GPU worker types declare their GPUs
 (and the count the instance type really has), the autoscaler can add and remove GPU nodes, setup
 installs this project from the synced working directory with the same Ray as this machine, the
-start commands raise the open-file limit and agree on RAY_AUTH_MODE, setup mounts the shared (NFS)
-sweep folder and AWS nodes carry an instance profile for the S3 bucket. Values containing REPLACE_ME are listed; `--strict` fails on them.
+start commands raise the open-file limit and agree on RAY_AUTH_MODE, AWS nodes carry an instance
+profile for the S3 bucket the sweep writes to (the default storage), and a config that mounts an
+NFS/EFS folder instead gives its nodes a security group the mount targets can allow before the
+first `ray up`. Values containing REPLACE_ME are listed; `--strict` fails on them.
 """
 from __future__ import annotations
 
@@ -290,19 +292,21 @@ def start_commands(config: dict[str, Any]) -> list[str]:
 
 
 def storage_access(config: dict[str, Any]) -> list[str]:
-    """Setup mounts a shared (NFS) file system for --storage, and on AWS every node type carries an
-    IAM instance profile (S3 for exporting results)."""
-    if not _launched_by_commands(config):
+    """On AWS every node type carries an IAM instance profile: the sweep's storage is an S3 prefix
+    every node writes to. A config that mounts an NFS/EFS folder instead must give every node type
+    SecurityGroupIds: Ray creates its own group at the first `ray up`, too late for the EFS mount
+    targets' NFS rule to name it, so the first mount would hang."""
+    if not _launched_by_commands(config) or config["provider"]["type"] != "aws":
         return []
-    errors = []
-    if not re.search(r"\bmount\b[^\n]*-t (nfs|efs)", "\n".join(_all_setup_commands(config))):
-        errors.append("setup_commands: no NFS/EFS mount; the sweep's --storage must be a folder every node mounts "
-                      "at the same path (a local disk is seen by one node): add e.g. `sudo mount -t nfs4 "
-                      "<fs>.efs.<region>.amazonaws.com:/ /mnt/adrec`")
-    if config["provider"]["type"] == "aws":
-        errors += [f"available_node_types.{name}.node_config: no IamInstanceProfile; this node cannot reach the "
-                   f"S3 bucket: add IamInstanceProfile: {{Arn: arn:aws:iam::<account>:instance-profile/<name>}}"
-                   for name, t in _types(config).items() if not (t.get("node_config") or {}).get("IamInstanceProfile")]
+    errors = [f"available_node_types.{name}.node_config: no IamInstanceProfile; this node cannot reach the "
+              f"S3 bucket: add IamInstanceProfile: {{Arn: arn:aws:iam::<account>:instance-profile/<name>}}"
+              for name, t in _types(config).items() if not (t.get("node_config") or {}).get("IamInstanceProfile")]
+    if re.search(r"\bmount\b[^\n]*-t (nfs|efs)", "\n".join(_all_setup_commands(config))):
+        errors += [f"available_node_types.{name}.node_config: setup mounts NFS/EFS but this node type has no "
+                   f"SecurityGroupIds; the mount targets' NFS rule (TCP 2049) cannot allow a group Ray creates at the "
+                   f"first `ray up`: add SecurityGroupIds: [sg-...] (a group made beforehand) or use --storage "
+                   f"s3://BUCKET/adrec without the mount"
+                   for name, t in _types(config).items() if not (t.get("node_config") or {}).get("SecurityGroupIds")]
     return errors
 
 

@@ -71,6 +71,21 @@ class Driver:
 
     # --- the whole sweep -------------------------------------------------------------------------
     def run(self, resumed: bool) -> int:
+        # A Ray job's driver starts inside its working_dir copy, which Ray deletes under it when nodes
+        # share a temp dir (Ray's fake multi-node provider does), and Ray Tune resolves bucket paths
+        # against the cwd: work from the sweep's own folder instead.
+        try:
+            cwd: str | None = os.getcwd()
+        except FileNotFoundError:
+            cwd = None
+        os.chdir(self.dir)
+        try:
+            return self._run(resumed)
+        finally:
+            if cwd and os.path.isdir(cwd):
+                os.chdir(cwd)
+
+    def _run(self, resumed: bool) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._quiet_ray()
         try:

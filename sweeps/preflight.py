@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 # Packages whose source every node must share with the driver (trials import both).
 CODE_PACKAGES = ("adrec", "sweeps")
 DISTRIBUTION = "adrec-sensitivity"
-SHARED_STORAGE_FIX = ("use storage every node sees: a folder every node mounts at the same path (NFS/EFS; "
-                      "--storage /mnt/adrec on cluster/gpu.yaml) or, where a URI is accepted, an s3:// or gs:// URI")
+SHARED_STORAGE_FIX = ("use storage every node sees: an s3:// or gs:// URI (--storage s3://BUCKET/adrec on "
+                      "cluster/gpu.yaml) or a folder every node mounts at the same path (NFS/EFS)")
 SYNC_FIX = ("Make every node run the driver's code and versions: re-sync and reinstall (`ray up "
             "cluster/gpu.yaml` reruns file_mounts and setup_commands), or submit the sweep with "
             "`ray job submit --working-dir . -- python sweeps/run.py ...` so Ray ships the code to every node")

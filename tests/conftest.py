@@ -1,13 +1,20 @@
-"""Shared fixtures: one private Ray for the whole pytest session.
+"""Shared fixtures: one private Ray and one local S3 server for the whole pytest session.
 
-Started with `sweeps.local_ray.start` (its own temp dir and free ports, never a cluster some `ray
+`ray_address`: started with `sweeps.local_ray.start` (its own temp dir and free ports, never a cluster some `ray
 start` left on the machine, start-up retried on a busy machine), with RAY_AUTH_MODE fixed for the
 session so that driver subprocesses joining it (`--address`) authenticate the same way. Never
 `ray stop`: that would end every Ray on the machine.
+
+`s3_env`: a real S3-compatible server for the session (moto's server mode, from the dev extra) with
+the bucket `sweeps`, and the AWS_* variables pyarrow, boto3 and Ray Tune read to reach it.
 """
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -27,3 +34,32 @@ def ray_address():
     if temp_dir:
         ray.shutdown()
         local_ray.cleanup(temp_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_env():
+    """A local S3-compatible server (moto[server]) with a bucket; the AWS settings pyarrow and boto3 read."""
+    pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="sweeps")
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -52,9 +52,27 @@ def test_gpu_yaml_placeholders_are_listed_and_fail_strict(gpu_config):
     report = validate.check_config(gpu_config, "gpu.yaml")
     assert report.ok() and not report.ok(strict=True)
     fields = {p.split(" = ")[0] for p in report.placeholders}
-    efs = next(i for i, c in enumerate(gpu_config["setup_commands"]) if "fs-REPLACE_ME" in c)
     assert fields == {f"available_node_types.{t}.node_config.{f}" for t in ("head", "gpu1x", "gpu4x")
-                      for f in ("ImageId", "IamInstanceProfile.Arn")} | {f"setup_commands[{efs}]"}
+                      for f in ("ImageId", "IamInstanceProfile.Arn")}
+
+
+def test_gpu_yaml_needs_no_shared_file_system(gpu_config):
+    """S3 is the storage: nothing is mounted, so the first `ray up` needs no security group set up."""
+    setup = "\n".join(gpu_config["setup_commands"])
+    assert "mount -t nfs" not in setup and "efs" not in setup.lower()
+    assert all(t["node_config"].get("IamInstanceProfile") for t in gpu_config["available_node_types"].values())
+
+
+def test_an_efs_mount_needs_security_groups_on_every_node_type(gpu_config):
+    mount = ("sudo mkdir -p /mnt/adrec && sudo mount -t nfs4 -o nfsvers=4.1 "
+             "fs-0123.efs.us-west-2.amazonaws.com:/ /mnt/adrec")
+    config = copy.deepcopy(gpu_config)
+    config["setup_commands"].append(mount)
+    errors = errors_of(config)
+    assert errors.count("has no SecurityGroupIds") == 3 and "use --storage s3://BUCKET/adrec" in errors
+    for t in config["available_node_types"].values():
+        t["node_config"]["SecurityGroupIds"] = ["sg-0123456789abcdef0"]
+    assert "SecurityGroupIds" not in errors_of(config)
 
 
 def test_pins_match_this_machine():
@@ -128,8 +146,6 @@ BROKEN = [
      r"file_mounts: RAY_AUTH_MODE=token but no node receives the token"),
     ("no-instance-profile", lambda c: _set(c, "available_node_types/gpu4x/node_config/IamInstanceProfile", _DELETE),
      r"available_node_types.gpu4x.node_config: no IamInstanceProfile; this node cannot reach the S3 bucket"),
-    ("no-shared-storage", _replace_in_commands(_SETUP, "sudo mount -t nfs4", "sudo true"),
-     r"setup_commands: no NFS/EFS mount; the sweep's --storage must be a folder every node mounts"),
     ("no-provider", lambda c: _set(c, "provider", {}),
      r"provider.type: missing"),
 ]

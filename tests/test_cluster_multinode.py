@@ -229,3 +229,58 @@ def test_fake_autoscaler_adds_gpu_nodes_for_pending_trials(tmp_path):
         assert len(df) == 2 and set(df["status"]) == {"completed"}
         assert all(n.startswith("fffff") and not n.endswith("00000") for n in nodes)
         assert max(int(n[-5:]) for n in nodes) >= 2, nodes
+
+
+# --------------------------------------------------------------------------------------------------
+# README's cluster command, as printed, on the fake multi-node provider with a local S3 bucket
+# --------------------------------------------------------------------------------------------------
+def readme_cluster_command() -> str:
+    """The `ray job submit ...` line of the README's "Running on a GPU cluster" section."""
+    section = (REPO / "README.md").read_text().split("## Running on a GPU cluster", 1)[1].split("\n## ", 1)[0]
+    (line,) = [ln.strip() for ln in section.splitlines() if ln.strip().startswith("ray job submit")]
+    return line
+
+
+def test_readme_cluster_command_runs_on_the_fake_provider_with_s3(tmp_path, token, s3_env):
+    """Only two substitutions: the job server's address (the fake head's, on a free port) and the
+    space (`--space full` is hundreds of CPU-hours; a tiny space file instead); BUCKET is the local
+    S3 server's bucket. The head has no CPU, so every trial waits for a fake GPU node the
+    autoscaler launches."""
+    import shlex
+
+    import pyarrow.fs
+
+    command = readme_cluster_command()
+    assert "--storage s3://BUCKET/adrec" in command and "--address auto" in command and "--working-dir ." in command
+    space = write_space(tmp_path, paired=2, stage3_epochs=2)
+    argv = shlex.split(command.replace("http://127.0.0.1:8265", "{dashboard}").replace("s3://BUCKET/", "s3://sweeps/")
+                       .replace("--space full", f"--space {space}"))
+    assert argv[:3] == ["ray", "job", "submit"] and "{dashboard}" in argv
+    env = {**s3_env, "ADREC_DATA_DIR": str(resolve_data_dir())}
+    # One fake node at most (a gpu2x holds both trials): the provider starts every fake node with
+    # the same temp dir, and two of them cleaning one runtime_resources/ delete the job's working
+    # directory under its driver (a fake-provider artifact; cloud nodes have their own disks).
+    config = yaml.safe_load(FAKE_AUTOSCALER.read_text())
+    config["available_node_types"]["gpu1x"]["max_workers"] = 0
+    config_path = tmp_path / "autoscaler.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with LocalCluster(auth_mode="token", token_path=token, env=env) as local:
+        local.start_head(dashboard=True, autoscaling_config=config_path)
+        home = tmp_path / "home"
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text(token.read_text())
+        client = {k: v for k, v in local.env.items() if not k.startswith("RAY_")}
+        client.update(HOME=str(home), RAY_AUTH_MODE="token")  # as README says: export RAY_AUTH_MODE=token
+        argv = [RAY if a == "ray" and i == 0 else a.replace("{dashboard}", local.dashboard_url)
+                for i, a in enumerate(argv)] + ["--max-users", "100", "--no-report"]
+        out = subprocess.run(argv, cwd=REPO, env=client, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert "finished: 2 trials in s3://sweeps/adrec/space/trials.parquet" in out.stdout
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], access_key="testing",
+                                 secret_key="testing", region="us-east-1", scheme="http")
+    with fs.open_input_file("sweeps/adrec/space/trials.parquet") as f:
+        df = pd.read_parquet(f)
+    assert len(df) == 2 and set(df["status"]) == {"completed"}
+    nodes = set(df["node_id"])  # fake node ids: ...00000 is the head, higher ones were launched for the trials
+    assert all(n.startswith("fffff") and not n.endswith("00000") for n in nodes), nodes
+

@@ -184,6 +184,6 @@ def test_a_node_that_cannot_see_the_storage_is_named(cluster, tmp_path):
     with _odd_worker(cluster, f"mount -t tmpfs none {storage}") as (odd_id, _):
         with pytest.raises(RuntimeError, match=rf"is not visible on every node \(1 of 4 cannot read the driver's "
                                                rf"marker\): node {odd_id} \(\S+\): cannot read .*FileNotFound.*"
-                                               rf"a folder every node mounts at the same path \(NFS/EFS.* an s3:// or gs:// URI"):
+                                               rf"an s3:// or gs:// URI .*a folder every node mounts at the same path \(NFS/EFS\)"):
             preflight.check_storage_visible(str(storage), timeout_s=30)
         assert list(storage.iterdir()) == []

@@ -343,35 +343,6 @@ def test_a_full_disk_stops_the_sweep_resumably(tmp_path, ray_address, small_fs):
 # ------------------------------------------------------------------------------------------------
 # S3 (moto's server), the head replaced mid-sweep
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_env():
-    """A local S3-compatible server (moto[server]) with a bucket; the AWS settings pyarrow and boto3 read."""
-    pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="sweeps")
-        yield env
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
 def _s3(env: dict):
     import pyarrow.fs
 
