@@ -179,6 +179,8 @@ class KV:
 
 
 class Attention(nn.Module):
+    explicit = False  # True: always the explicit softmax below (a pack draws each member's dropout)
+
     def __init__(self, dim: int, heads: int, dropout: float, rotary: Rotary | None = None):
         super().__init__()
         self.heads, self.dropout, self.rotary = heads, dropout, rotary
@@ -208,7 +210,7 @@ class Attention(nn.Module):
         q = self._split(self.q(x))  # (B, H, Lq, dh)
         if self.rotary is not None and pos is not None:
             q = self.rotary(q, pos)
-        if padded_rows is not None or (q.device.type == "cpu" and (self.training or q.shape[2] == 1)):
+        if self.explicit or padded_rows is not None or (q.device.type == "cpu" and (self.training or q.shape[2] == 1)):
             # SDPA's own math: on CPU its dropout draws a per-element bernoulli_ mask (the cheaper
             # mask above is 3-4x faster), and for the sampler's single query two matmuls beat it.
             scores = (q @ kv.k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
