@@ -158,10 +158,10 @@ class NodeType:
 _H200 = {"ml-100k": (0.07, 0.06), "baby": (0.42, 0.80), "beauty": (0.48, 0.58), "toys": (0.49, 0.66),
          "sports": (0.75, 0.83), "yelp": (1.21, 1.15)}
 # CPU: README's figures for this 2-core machine (one trial on both cores: ml-100k 2.3 / 3.6 / 1.72 s,
-# baby 5.4 / 9.7 / 7.74 s), doubled for one trial per core as a sweep runs them (measured with the smoke
-# sweep: ~3.3 s per stage-1 epoch and ~7 s per ADRec epoch on a busy machine); the other datasets
-# scale from baby as they do on the GPU.
-_CPU = {"ml-100k": Speed(4.6, 7.2, 3.4), "baby": Speed(10.8, 19.4, 15.5)}
+# baby 5.4 / 9.7 / 7.74 s) times 1.5 for one trial per core as a sweep runs them (measured: 3.3 s per
+# ml-100k stage-1 epoch on one thread of a busy machine against 2.3 s on two); the other datasets scale
+# from baby as they do on the GPU.
+_CPU = {"ml-100k": Speed(3.45, 5.4, 2.6), "baby": Speed(8.1, 14.6, 11.6)}
 for _name, (_epoch, _eval) in _H200.items():
     _CPU.setdefault(_name, Speed(_CPU["baby"].stage1 * _epoch / _H200["baby"][0], _CPU["baby"].adrec * _epoch /
                                  _H200["baby"][0], _CPU["baby"].eval * _eval / _H200["baby"][1]))
@@ -216,14 +216,16 @@ def trial_seconds(cfg: TrialConfig, node: NodeType, expected: bool, asha: bool =
         return TRIAL_OVERHEAD_S + size * 2 * 0.1 * speed.eval
     e1, e2, e3 = trial_epochs(cfg, cfg.dataset, expected)
     every = cfg.eval_every
+    steps = 1 + (512 / cfg.batch_size - 1) / 7  # per-step costs: batch 64 took ~2x batch 512's epoch (ml-100k)
     seconds = 0.0
     if stage1 or cfg.model != "adrec":
-        seconds += e1 * speed.stage1 + math.ceil(e1 / every) * 0.5 * speed.eval
+        seconds += e1 * speed.stage1 * steps + math.ceil(e1 / every) * 0.5 * speed.eval
     if cfg.model == "adrec":
         epochs = e2 + e3
         if asha:
             epochs *= asha_fraction(epochs, every, math.ceil(e2 / every) + 1)
-        seconds += epochs * speed.adrec + (math.ceil(epochs / every) + 1) * speed.eval * cfg.diffusion_steps / 32
+        seconds += (epochs * speed.adrec * steps
+                    + (math.ceil(epochs / every) + 1) * speed.eval * cfg.diffusion_steps / 32)
     else:
         seconds += 0.5 * speed.eval
     return TRIAL_OVERHEAD_S + seconds * size

@@ -458,16 +458,15 @@ PAPER: dict[str, Any] = {
 }
 
 # README's main job: a small real study on ml-100k in ~10 minutes on a 2-core machine. 12 configs from a
-# decorrelated Latin hypercube over three two-level knobs (6 configs per level: the analysis ranks a
-# level seen in >= 5 configs and fits a dataset with >= 12), each trained once at `python -m adrec train
-# --quick`'s epochs (adrec.cli.QUICK); the 4 best re-run with a fresh seed (the confirm phase), which
-# also gives the seed-noise floor; most_popular as the floor to beat. The knobs act after stage 1, so
-# the stage-1 cache trains it once per seed. Measured on ml-100k at these epochs (val NDCG@20 ~0.03):
-# adaln aggregation loses ~0.008 against linear, learned positions gain a few thousandths, the noise
-# level changes little. No optimise phase: a few TPE trials would show nothing.
+# decorrelated Latin hypercube (6 per level of each two-level knob: the analysis ranks a level seen in
+# >= 5 configs and fits a dataset with >= 12; MSE weight is continuous, so no two configs are equal),
+# each trained once at `python -m adrec train --quick`'s settings (adrec.cli.QUICK: short stages,
+# batches of 64); the 4 best re-run with a fresh seed (the confirm phase), which gives the seed-noise
+# floor; most_popular as the level to beat. The knobs act after stage 1, so the stage-1 cache trains it
+# once per seed. No optimise phase: a few TPE trials would show nothing.
 SMOKE: dict[str, Any] = {
     "description": "ml-100k, 12 configs at short epochs, the best 4 re-run with a fresh seed: do aggregation, "
-                   "positional encoding and noise level matter early in training? (~10 min on 2 cores)",
+                   "positional encoding, noise level and MSE weight matter early in training? (~10 min on 2 cores)",
     "datasets": ["ml-100k"],
     "counts": {"paired_samples": 12, "repeats": 1, "num_samples": 0, "confirm_top": 4},
     "baselines": ["most_popular"],
@@ -476,6 +475,7 @@ SMOKE: dict[str, Any] = {
         "aggregation": {"choices": ["linear", "adaln"]},
         "positional_encoding": {"choices": ["none", "learned"]},
         "noise_level": {},
+        "mse_weight": {},
     },
 }
 

@@ -153,14 +153,15 @@ def test_quick_sets_short_stages_and_set_still_wins() -> None:
 
     cfg = build_config(_train_args("--dataset", "ml-100k", "--quick"))
     assert {k: getattr(cfg, k) for k in QUICK} == QUICK == {"stage1_epochs": 10, "stage2_epochs": 1,
-                                                            "stage3_epochs": 4, "eval_every": 5}
+                                                            "stage3_epochs": 4, "eval_every": 5, "batch_size": 64}
     assert cfg.stage_epochs() == (10, 1, 4) and cfg.patience == TrialConfig().patience
     args = _train_args("--dataset", "ml-100k", "--quick", "--set", "stage3_epochs=8")
     cfg = build_config(args)
-    assert (cfg.stage1_epochs, cfg.stage2_epochs, cfg.stage3_epochs) == (10, 1, 8)
+    assert (cfg.stage1_epochs, cfg.stage2_epochs, cfg.stage3_epochs, cfg.batch_size) == (10, 1, 8, 64)
     assert training_plan(cfg, args) == ("training: stage 1 at most 10 epochs, stage 2 1, stage 3 at most 8; "
                                         "validation every 5 epochs, stopping after 4 without improvement "
-                                        "(--quick, stage3_epochs from --set)")
+                                        "(--quick: stage1_epochs=10, stage2_epochs=1, eval_every=5, batch_size=64; "
+                                        "stage3_epochs from --set)")
 
 
 def test_shortening_some_stages_names_the_ones_left_long() -> None:
@@ -173,7 +174,7 @@ def test_shortening_some_stages_names_the_ones_left_long() -> None:
         "training: stage 1 at most 2 epochs, stage 2 5, stage 3 at most 2; validation every 5 epochs, stopping "
         "after 4 without improvement",
         "note: stage2_epochs=5, eval_every=5 kept from the config; a quick run is `--quick` (stage1_epochs=10, "
-        "stage2_epochs=1, stage3_epochs=4, eval_every=5)"]
+        "stage2_epochs=1, stage3_epochs=4, eval_every=5, batch_size=64)"]
     full = _train_args("--dataset", "ml-100k")
     assert "note" not in training_plan(build_config(full), full)
 
