@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import fisher_exact
 
+from adrec.record import ERROR_STATUSES
 from results.effects import ALPHA
 from results.knobs import Levels, active, by_name
 
@@ -48,7 +49,7 @@ def failure_rates(runs: pd.DataFrame, levels: dict[str, Levels]) -> pd.DataFrame
     """
     rows = []
     for dataset, part in runs.groupby("dataset", sort=True):
-        bad = part["status"].isin(["diverged", "failed"]).to_numpy()
+        bad = part["status"].isin(ERROR_STATUSES).to_numpy()
         block, cells = [], []
         for name, lev in levels.items():
             labels = label_runs(part, lev)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from adrec.record import PHASES
 from results.knobs import Knob, is_categorical, is_log
 
 DPI = 100
-PHASE_COLOURS = {"paired": "tab:blue", "optimize": "tab:orange", "confirm": "tab:green"}
+PHASE_COLOURS = dict(zip(PHASES, ("tab:blue", "tab:orange", "tab:green", "tab:grey")))
 
 
 def _png(fig: Figure) -> bytes:
@@ -104,12 +105,13 @@ def heatmap_plot(cells: pd.DataFrame, metric: str) -> bytes:
     ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
     ax.set_xlabel(b)
     ax.set_ylabel(a)
+    middle = np.nanmean([np.nanmin(grid.to_numpy(float)), np.nanmax(grid.to_numpy(float))])
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             value, n = grid.iat[i, j], counts.iat[i, j]
-            if pd.notna(value):
+            if pd.notna(value):  # dark text on the bright end of viridis
                 ax.text(j, i, f"{value:.4f}\nn={int(n) if pd.notna(n) else 0}", ha="center",
-                        va="center", fontsize=6, color="white")
+                        va="center", fontsize=6, color="black" if value > middle else "white")
     fig.colorbar(image, ax=ax, label=f"adjusted {metric}")
     ax.set_title(f"{cells['dataset'].iloc[0]}: {a} x {b}", fontsize=9)
     return _png(fig)

@@ -14,15 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec.config import METRICS, TrialConfig, field_names
+from adrec.config import METRICS, TrialConfig
 from adrec.record import ERROR_STATUSES, PHASES, STATUSES, RecordError, read_table
 from results.knobs import KNOB_NAMES, KNOBS, Knob, active, default_of, fmt_value
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("dataset", "trial_id", "phase", "status", "seed")
 DEFAULT_METRIC = f"val_{TrialConfig().select_metric}"
-# Fields that identify where/how a config ran rather than what it is: not part of config_id.
-_NOT_CONFIG = {"dataset", "data_dir", "device", "seed", "max_users", "eval_batch_size",
-               "select_metric"}
 __all__ = ["ERROR_STATUSES", "PHASES", "STATUSES", "TableError", "check_table", "load_table"]
 
 
@@ -94,9 +91,9 @@ def check_table(table: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFra
 
 
 def with_config_id(table: pd.DataFrame) -> pd.DataFrame:
-    """Fill missing `config_id`s with a hash of the config fields (all but dataset/seed/paths)."""
+    """Fill missing `config_id`s with a hash of what a config is: the model and every knob."""
     out = table.copy()
-    columns = [c for c in field_names() if c in out.columns and c not in _NOT_CONFIG]
+    columns = [c for c in ("model", *KNOB_NAMES) if c in out.columns]
     if "config_id" not in out:
         out["config_id"] = pd.NA
     missing = out["config_id"].isna()
