@@ -95,6 +95,7 @@ class Driver:
             self._say(f"sweep {self.plan.name!r}: {self.plan.total()} trials on {len(self.plan.datasets)} "
                       f"dataset(s) in {self.store.describe()}" + (" (resuming)" if resumed else ""))
             if resumed:
+                self._check_table()
                 self.rebuild_table()
             with self._signals():
                 try:
@@ -184,6 +185,15 @@ class Driver:
         write_table(df, self.store.path(TABLE_FILE))
         self.store.push(TABLE_FILE)
         return df
+
+    def _check_table(self) -> None:
+        """Say so when the table a previous run left cannot be read (it is rebuilt right after)."""
+        from adrec.record import RecordError, read_table
+
+        try:
+            read_table(self.store.path(TABLE_FILE))
+        except RecordError as exc:
+            print(f"{exc.args[0].split(';')[0]}; rebuilding it from the experiment folders", flush=True)
 
     def report(self) -> None:
         try:

@@ -258,7 +258,7 @@ def _check_hparams_columns_are_logged(sweep: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_moved_sweep_folder_resumes_where_it_lies(tmp_path, ray_address):
+def test_a_moved_sweep_folder_resumes_where_it_lies(tmp_path, ray_address, capsys):
     space = write_space(tmp_path, "moved", paired=1, num_samples=3)
     old = tmp_path / "old"
     proc = subprocess.Popen(sweep_cmd(space, old, "--address", ray_address, "--quiet"), cwd=REPO,
@@ -272,7 +272,15 @@ def test_a_moved_sweep_folder_resumes_where_it_lies(tmp_path, ray_address):
     new.mkdir(parents=True)
     shutil.move(str(old / "moved"), str(new / "moved"))
     shutil.rmtree(old)  # nothing may still point there
-    assert main(["--resume", "--name", "moved", "--storage", str(new), "--no-report", "--quiet"]) == 0
+    # and the copy was taken badly: a truncated table, a writer's leftover temp file
+    table = new / "moved" / "trials.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    (new / "moved" / ".trials.parquet.12345.tmp").write_bytes(b"PAR1 half")
+    assert main(["--resume", "--name", "moved", "--storage", str(new), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"trials\.parquet is not a readable Parquet trial table .*; rebuilding it from the experiment "
+                     r"folders", out), out[:2000]
+    assert not list((new / "moved").glob(".*.tmp"))
     df = pd.read_parquet(new / "moved" / "trials.parquet")
     assert len(df) == 4 and df["trial_id"].is_unique
     assert df.groupby("phase").size().to_dict() == {"paired": 1, "optimize": 3}
@@ -281,6 +289,19 @@ def test_a_moved_sweep_folder_resumes_where_it_lies(tmp_path, ray_address):
     study = optuna.load_study(study_name="moved/ml-100k", storage=journal_storage(str(new / "moved" / "studies.journal")))
     assert len(study.trials) == 3 and all(t.state.is_finished() for t in study.trials)
     assert not old.exists()
+
+
+@pytest.mark.slow
+def test_a_trial_that_crashed_then_completed_has_no_error(tmp_path, ray_address, monkeypatch):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("ADREC_FAULT_ONCE", str(markers))  # each trial raises once after its first checkpoint
+    space = write_space(tmp_path, "recovered", paired=1)
+    assert main(["--space", space, "--storage", str(tmp_path), "--max-users", "100", "--no-report", "--quiet"]) == 0
+    df = pd.read_parquet(tmp_path / "recovered" / "trials.parquet")
+    (trial_dir,) = (tmp_path / "recovered" / "paired").glob("paired_*")
+    assert (trial_dir / "error.txt").exists()  # Ray kept the crash's error file
+    assert df["status"].tolist() == ["completed"] and df["error"].isna().all()
 
 
 # ------------------------------------------------------------------------------------------------
