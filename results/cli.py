@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="objective column for selection and importance "
                              f"(default {DEFAULT_METRIC})")
     parser.add_argument("--n-boot", type=int, default=2000,
-                        help="bootstrap resamples (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and fANOVA")
+                        help="bootstrap resamples over configs (default 2000)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bootstraps (the verdicts do not depend on it)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser.parse_args(argv)
 
