@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 
 from adrec.config import METRICS, TrialConfig
@@ -232,49 +233,49 @@ def trial_seconds(cfg: TrialConfig, node: NodeType, expected: bool, asha: bool =
 
 
 def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES) -> pd.DataFrame:
-    """Per dataset and phase: trials, and per node type the expected and the ceiling unit-hours.
+    """Per dataset and phase: trials, and per node type the expected and the ceiling unit-hours and the
+    longest trial.
 
     expected: trials stop where README's runs stopped by patience, optimise trials are pruned by
-    ASHA (one in 3 passes each rung), stage 1 is trained once per (dataset, seed, stage-1 settings)
-    and shared through the stage-1 cache. ceiling: every trial trains every epoch of its budget and
-    its own stage 1. Optimise and confirm configs are not known before the run: the space's own
+    ASHA (one in 3 passes each rung), stage 1 is trained once per stage-1 key (settings and seed) and
+    shared through the stage-1 cache. ceiling: every trial trains every epoch of its budget and its
+    own stage 1. Optimise and confirm configs are not known before the run: the space's own
     space-filling sample stands in for them. A unit-hour is a GPU-hour (trials sharing a GPU count
     their share) or a CPU-core-hour.
     """
-    from adrec.train import STAGE1_FIELDS  # imported here: torch is only needed for an estimate
-
-    paired = plan.paired_configs()
-    stand_ins = [{"values": v} for v in plan.space.space_filling(max(8, plan.num_samples), plan.seed + 1)] or paired
-    counts = plan.counts()
+    stand_ins = plan.space.space_filling(max(8, plan.num_samples, plan.confirm_top), plan.seed + 1)
     rows = []
     for ds in plan.datasets:
-        jobs = {"paired": [j["config"] for j in plan.paired_jobs(paired) if dataset_key(ds) in j["job"]],
-                "optimize": [plan._job("optimize", ds, "o", c["values"])["config"] for c in stand_ins],
-                "confirm": [plan._job("confirm", ds, "c", c["values"])["config"] for c in stand_ins],
-                "baseline": [j["config"] for j in plan.baseline_jobs() if dataset_key(ds) in j["job"]]}
-        searched_stage1 = any(p.field in STAGE1_FIELDS for p in plan.space.params)
-        for phase, n in counts.items():
+        key = dataset_key(ds)
+        jobs = {"paired": [j["config"] for j in plan.paired_jobs(plan.paired_configs()) if f"/{key}/" in j["job"]],
+                "optimize": [plan._job("optimize", ds, "o", v)["config"] for v in stand_ins],
+                "confirm": [plan._job("confirm", ds, "c", {**v, "seed": plan.seed + CONFIRM_SEED_OFFSET + i % plan.repeats})
+                            ["config"] for i, v in enumerate(stand_ins)],
+                "baseline": [j["config"] for j in plan.baseline_jobs() if f"/{key}/" in j["job"]]}
+        for phase, n in plan.counts().items():
             configs = [split_config(c)[0] for c in jobs[phase]]
             row: dict[str, Any] = {"dataset": ds, "phase": phase, "trials": n}
             for node_key, node in node_types.items():
-                expected, ceiling, longest = [0.0], [0.0], [0.0, 0.0]
-                if n and configs:
-                    seen: set[tuple] = set()
-                    expected, ceiling = [], []
-                    for cfg in configs:
-                        key = tuple(getattr(cfg, f) for f in STAGE1_FIELDS)
-                        fresh = phase in ("confirm", "baseline") or (phase == "optimize" and searched_stage1) \
-                            or key not in seen
-                        seen.add(key)
-                        expected.append(trial_seconds(cfg, node, True, asha=phase == "optimize", stage1=fresh))
-                        ceiling.append(trial_seconds(cfg, node, False))
-                    longest = [max(expected), max(ceiling)]
                 slow = node.trials_per_unit / node.share_speedup  # a trial sharing its unit runs slower
-                for what, each, last in (("expected", expected, longest[0]), ("ceiling", ceiling, longest[1])):
-                    row[f"{node_key}_{what}_h"] = n * sum(each) / len(each) / node.share_speedup / 3600
-                    row[f"{node_key}_{what}_longest_s"] = last * slow
+                for what, seconds in _phase_seconds(configs, phase, node).items():
+                    row[f"{node_key}_{what}_h"] = n * float(np.mean(seconds)) / node.share_speedup / 3600 if n else 0.0
+                    row[f"{node_key}_{what}_longest_s"] = max(seconds) * slow if n else 0.0
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _phase_seconds(configs: list[TrialConfig], phase: str, node: NodeType) -> dict[str, list[float]]:
+    """Seconds of each stand-in trial of a phase: expected (stage 1 only for a new stage-1 key) and ceiling."""
+    from adrec.train import STAGE1_FIELDS  # imported here: only an estimate needs torch
+
+    seen: set[tuple] = set()
+    out: dict[str, list[float]] = {"expected": [], "ceiling": []}
+    for cfg in configs or [TrialConfig()]:
+        key = tuple(getattr(cfg, f) for f in STAGE1_FIELDS)
+        out["expected"].append(trial_seconds(cfg, node, True, asha=phase == "optimize", stage1=key not in seen))
+        out["ceiling"].append(trial_seconds(cfg, node, False))
+        seen.add(key)
+    return out
 
 
 def wall_hours(table: pd.DataFrame, node_key: str, node: NodeType, nodes: int, what: str) -> float:
