@@ -1,0 +1,648 @@
+"""Packs: K ADRec trials of one dataset and one architecture trained as one model.
+
+A pack stacks the K members' parameters along a leading member axis and runs their stage-2/3
+epochs as one network: every activation keeps the members one after another along its first
+(row) dimension, so attention, masks, norms and activations run unchanged, and only the layers
+with parameters know the member axis (a Linear is one batched matmul over the K weight matrices,
+an Embedding looks up in the K tables). Each member keeps everything else of its own: its batches
+(own seed, own shuffle, own batch size and micro-batches, padded to the pack's common shape), its
+random draws (dropout masks, timesteps and noise drawn from its own generator in the order and
+shapes of its solo run), its noise schedule, λ, MSE weight and loss combination, its Adam state,
+learning rate, cosine schedule and weight decay, its warm-up length, evaluation interval, patience
+and model selection. That is what makes a member equal its solo run (`adrec.train.fit`, same
+seed): the same draws meet the same numbers, up to float rounding of batched vs single matmuls.
+
+A member that stops (patience, epoch budget, divergence) leaves the pack: every stacked tensor
+is compacted to the members still training, and the pack ends when all have left.
+
+Which configs may share a pack: `PACK_FIELDS` must be equal (the architecture, the data, the
+padding mode that shapes the batches). Stage 1 (the SASRec pre-training of the item embeddings)
+runs per member before the pack, through the stage-1 cache as in `fit` (its key ignores the
+stage-2/3 knobs, so packed members of one seed share it); the pack covers stages 2 and 3, whose
+boundary each member crosses at its own epoch. Validation and test scoring run per member on a
+solo copy of the member's parameters with its own random stream, so they are the solo code path.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.adam import adam
+
+from adrec.batches import Packed
+from adrec.config import TrialConfig
+from adrec.data import load_dataset
+from adrec.losses import linear_cross_entropy
+from adrec.model import ADRec, Attention, Dropout, keep_scale, segments, sequence_mean, sinusoid
+from adrec.schedule import NoiseSchedule
+from adrec.train import (DIVERGED_LOSS, Diverged, LoopState, Reporter, Splits, _fmt, _report_metrics, cached_stage1,
+                         environment, evaluate, flush_denormals, improved, resolve_device, seed_everything,
+                         train_rows, use_tf32)
+
+log = logging.getLogger("adrec.pack")
+
+# Fields every member of a pack shares: the network's shapes and wiring, the data, and the padding
+# mode (it decides whether rows are packed or padded to max_len). Everything else may differ.
+PACK_FIELDS = ("dataset", "data_dir", "max_users", "model", "device", "hidden_size", "cam_blocks", "adm_blocks",
+               "heads", "max_len", "diffusion_steps", "aggregation", "positional_encoding", "denoiser",
+               "padding_mask")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as make_optimizer uses them
+
+
+def check_packable(cfgs: Sequence[TrialConfig]) -> None:
+    """Raise ValueError naming the first field that keeps these configs out of one pack."""
+    if not cfgs:
+        raise ValueError("a pack needs at least one config; got none")
+    for cfg in cfgs:
+        if cfg.model != "adrec":
+            raise ValueError(f"model={cfg.model!r} cannot be packed; packs train ADRec (use fit for baselines)")
+        if cfg.pcgrad:
+            raise ValueError("pcgrad=True cannot be packed yet (per-member gradient projection is not written); "
+                             "run it with fit")
+    for name in PACK_FIELDS:
+        values = sorted({repr(getattr(c, name)) for c in cfgs})
+        if len(values) > 1:
+            raise ValueError(f"{name} differs within the pack ({', '.join(values)}); a pack shares "
+                             f"{', '.join(PACK_FIELDS)}: group the configs by these fields")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-member random streams
+# ---------------------------------------------------------------------------------------------
+class MemberRNG:
+    """One member's torch CPU generator state. `active()` makes it the global generator for the
+    draws inside, so the model's own sampling code draws exactly what it draws in a solo run."""
+
+    def __init__(self, state: torch.Tensor):
+        self.state = state
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+@dataclass
+class Layout:
+    """Where each member's rows sit in the current forward pass: member m owns rows
+    [m * rows_each, (m + 1) * rows_each); of those, its solo rows are the first `rows[m]`, each
+    `width[m]` positions wide (rows[m] = 0: the member has nothing in this pass)."""
+
+    rngs: list[MemberRNG]
+    rows: list[int] = field(default_factory=list)
+    width: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers with a member axis
+# ---------------------------------------------------------------------------------------------
+def _by_member(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(K * rows, ..., F) -> (K, rows * ..., F)."""
+    return x.reshape(k, -1, x.shape[-1])
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, layers: Sequence[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([l.weight.detach() for l in layers]))  # (K, out, in)
+        self.bias = nn.Parameter(torch.stack([l.bias.detach() for l in layers]))  # (K, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[0]
+        y = torch.baddbmm(self.bias.unsqueeze(1), _by_member(x, k), self.weight.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class PackedLayerNorm(nn.Module):
+    def __init__(self, norms: Sequence[nn.LayerNorm]):
+        super().__init__()
+        self.eps, self.shape = norms[0].eps, norms[0].normalized_shape
+        self.weight = nn.Parameter(torch.stack([n.weight.detach() for n in norms]))  # (K, D)
+        self.bias = nn.Parameter(torch.stack([n.bias.detach() for n in norms]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.weight.shape[0]
+        y = _by_member(F.layer_norm(x, self.shape, None, None, self.eps), k)
+        return (y * self.weight.unsqueeze(1) + self.bias.unsqueeze(1)).reshape(x.shape)
+
+
+class PackedEmbedding(nn.Module):
+    """K tables (K, N, D); row 0 keeps no gradient from lookups where `padding_idx` is set, as
+    nn.Embedding's padding_idx (the weight's other uses, the CE, still reach it)."""
+
+    def __init__(self, tables: Sequence[nn.Embedding]):
+        super().__init__()
+        self.padding_idx = tables[0].padding_idx
+        self.weight = nn.Parameter(torch.stack([t.weight.detach() for t in tables]))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        k, n, d = self.weight.shape
+        flat = idx.reshape(k, -1)
+        out = F.embedding(flat + torch.arange(k, device=idx.device).unsqueeze(1) * n, self.weight.reshape(k * n, d))
+        if self.padding_idx is not None:
+            out = torch.where((flat == self.padding_idx).unsqueeze(-1), out.detach(), out)
+        return out.reshape(*idx.shape, d)
+
+
+class PackedDropout(nn.Module):
+    """Each member's dropout, drawn from its own stream at its solo shape: (rows, width, F) for
+    token activations and (rows, H, width, width) for attention probabilities, placed in the
+    member's corner of the padded tensor (1 elsewhere). A member with p = 0 still makes the draw
+    nn.Dropout makes (torch's dropout consumes random numbers even at p = 0)."""
+
+    def __init__(self, layers: Sequence[nn.Dropout], layout: Layout):
+        super().__init__()
+        self.ps = [float(l.p) for l in layers]
+        self.layout = layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        k = len(self.ps)
+        scales = torch.ones((k, x.shape[0] // k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        for m, p in enumerate(self.ps):
+            rows, width = self.layout.rows[m], self.layout.width[m]
+            if rows == 0:
+                continue
+            if x.dim() == 3:
+                shape, corner = (rows, width, x.shape[2]), (m, slice(rows), slice(width))
+            elif x.dim() == 4:
+                shape = (rows, x.shape[1], width, width)
+                corner = (m, slice(rows), slice(None), slice(width), slice(width))
+            else:
+                raise ValueError(f"PackedDropout expects 3-d or 4-d activations; got shape {tuple(x.shape)}")
+            with self.layout.rngs[m].active():
+                if p == 0 or x.device.type != "cpu":
+                    mask = F.dropout(torch.ones(shape, dtype=x.dtype), p, True)
+                else:
+                    mask = keep_scale(torch.Size(shape), p)
+            if p > 0:
+                scales[corner] = mask.to(x.device)
+        return x * scales.view(x.shape)
+
+
+def stack_models(models: Sequence[ADRec], layout: Layout) -> ADRec:
+    """One ADRec whose layers hold the K models' parameters stacked along a leading member axis."""
+    stacked = copy.deepcopy(models[0])
+    replace: list[tuple[str, nn.Module]] = []
+    for name, module in stacked.named_modules():
+        peers = [m.get_submodule(name) for m in models]
+        if isinstance(module, nn.Linear):
+            replace.append((name, PackedLinear(peers)))
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            replace.append((name, PackedLayerNorm(peers)))
+        elif isinstance(module, nn.Embedding):
+            replace.append((name, PackedEmbedding(peers)))
+        elif isinstance(module, nn.Dropout):
+            replace.append((name, PackedDropout(peers, layout)))
+        elif isinstance(module, Attention):
+            module.explicit = True  # per-member attention dropout needs the explicit softmax path
+    for name, new in replace:
+        parent, _, child = name.rpartition(".")
+        setattr(stacked.get_submodule(parent) if parent else stacked, child, new)
+    solo_keys, packed_keys = set(models[0].state_dict()), set(stacked.state_dict())
+    if solo_keys != packed_keys:
+        raise RuntimeError(f"stacking left parameters without a member axis: {sorted(solo_keys ^ packed_keys)}")
+    return stacked
+
+
+def member_state(stacked: nn.Module, m: int) -> dict[str, torch.Tensor]:
+    """Member m's parameters as a solo model's state_dict (views into the stacks)."""
+    return {name: value[m] for name, value in stacked.state_dict().items()}
+
+
+def compact(stacked: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the members `keep` (indices) in every stacked parameter and dropout."""
+    for module in stacked.modules():
+        if isinstance(module, (PackedLinear, PackedLayerNorm, PackedEmbedding)):
+            for p in module.parameters(recurse=False):
+                p.data = p.data[keep]
+                p.grad = None
+        elif isinstance(module, PackedDropout):
+            module.ps = [module.ps[i] for i in keep.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-member Adam over stacked tensors
+# ---------------------------------------------------------------------------------------------
+class MemberAdam:
+    """torch.optim.Adam for each member over its slices of the stacked parameters: the state
+    (step, exp_avg, exp_avg_sq) is stacked too, and each member's step calls torch's own Adam
+    function with its lr and weight decay, so it equals a solo torch.optim.Adam on that member.
+    A (parameter, member) pair without a gradient is skipped, state and step count untouched, as
+    torch.optim.Adam skips a parameter whose .grad is None."""
+
+    def __init__(self, params: Sequence[nn.Parameter], k: int):
+        self.params = list(params)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = [[torch.tensor(0.0) for _ in range(k)] for _ in self.params]
+
+    @torch.no_grad()
+    def step(self, m: int, grads: Sequence[torch.Tensor | None], lr: float, weight_decay: float) -> None:
+        chosen = [i for i, g in enumerate(grads) if g is not None]
+        if not chosen:
+            return
+        adam(
+            [self.params[i].data[m] for i in chosen], [grads[i] for i in chosen],
+            [self.exp_avg[i][m] for i in chosen], [self.exp_avg_sq[i][m] for i in chosen], [],
+            [self.steps[i][m] for i in chosen], foreach=self.params[0].device.type == "cuda",
+            amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=weight_decay,
+            eps=ADAM_EPS, maximize=False)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the members `keep`; call after the parameters were compacted."""
+        self.exp_avg = [e[keep] for e in self.exp_avg]
+        self.exp_avg_sq = [e[keep] for e in self.exp_avg_sq]
+        self.steps = [[s[i] for i in keep.tolist()] for s in self.steps]
+
+
+def cosine_lrs(cfg: TrialConfig) -> Iterator[float]:
+    """The learning rate of each epoch (1, 2, ...) as make_optimizer's CosineAnnealingLR gives it
+    (its recursive form, so the floats are the solo run's)."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(dummy, T_max=cfg.cosine_t_max)
+    while True:
+        yield dummy.param_groups[0]["lr"]
+        dummy.step()
+        scheduler.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Members and the pack
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One trial inside a pack: its config, solo model (the evaluation copy), stream and state."""
+
+    index: int  # position in the caller's list of configs
+    cfg: TrialConfig
+    solo: ADRec
+    rng: MemberRNG
+    result: dict[str, Any]
+    stage1: dict[str, Any]
+    report: Reporter | None
+    lrs: Iterator[float]
+    lr: float = 0.0
+    state: LoopState = field(default_factory=LoopState)
+    best_state_dict: dict[str, torch.Tensor] | None = None
+    sched: Any = None  # ScheduleTensors
+    diverged: str | None = None
+
+    @property
+    def max_epochs(self) -> int:
+        return sum(self.cfg.stage_epochs()[1:])
+
+    def stage_of_epoch(self, epoch: int) -> int:
+        return 2 if epoch <= self.cfg.stage_epochs()[1] else 3
+
+    def warm_up(self, epoch: int) -> bool:
+        """The item embeddings get no gradient at this epoch (stage 2)."""
+        return epoch <= self.cfg.stage_epochs()[1]
+
+
+@dataclass
+class Part:
+    """One member's micro-batch of the current step, with the weights of its loss terms."""
+
+    rows: Packed
+    ce_share: float
+    mse_share: float
+
+
+class Pack:
+    """The members still training and their stacked model; `run` trains them to their ends."""
+
+    def __init__(self, members: list[Member], splits: Splits, device: torch.device):
+        self.members, self.splits, self.device = members, splits, device
+        self.layout = Layout(rngs=[m.rng for m in members])
+        self.model = stack_models([m.solo for m in members], self.layout).to(device)
+        self.params = list(self.model.parameters())
+        self.optimizer = MemberAdam(self.params, len(members))
+        self.emb_index = next(i for i, p in enumerate(self.params) if p is self.model.item_emb.weight)
+        for m in members:
+            m.lr = next(m.lrs)
+        self.started = time.perf_counter()
+
+    # --- one forward pass over every member's part -----------------------------------------------
+    def _lay_out(self, parts: list[Part | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = len(parts)
+        rows = [p.rows.seq.shape[0] if p else 0 for p in parts]
+        width = [p.rows.seq.shape[1] if p else 0 for p in parts]
+        r, w = max(rows), max(width)
+        out = torch.zeros(3, k, r, w, dtype=torch.long)
+        for m, p in enumerate(parts):
+            if p:
+                out[0, m, :rows[m], :width[m]] = p.rows.seq
+                out[1, m, :rows[m], :width[m]] = p.rows.tgt
+                out[2, m, :rows[m], :width[m]] = p.rows.segment
+        self.layout.rows, self.layout.width = rows, width
+        seq, tgt, seg = (t.reshape(k * r, w).to(self.device) for t in out)
+        return seq, tgt, seg
+
+    def _draws(self, segment: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's timesteps and noise at its solo shape (ADRec.forward_train's draws, in
+        its order), placed in its corner; zero elsewhere."""
+        k, steps = len(self.members), self.model.steps
+        seg = segment.view(k, -1, segment.shape[1])
+        t = torch.zeros_like(seg)
+        noise = torch.zeros(*seg.shape, d, device=segment.device)
+        for m, member in enumerate(self.members):
+            rows, width = self.layout.rows[m], self.layout.width[m]
+            if rows == 0:
+                continue
+            seg_m = seg[m, :rows, :width].cpu()
+            with member.rng.active():
+                if member.cfg.noise_level == "token":
+                    t_m = torch.randint(0, steps, (rows, width))
+                else:
+                    t_m = torch.randint(0, steps, (rows, width + 1)).gather(1, seg_m)
+                noise_m = torch.randn(rows, width, d)
+            t[m, :rows, :width] = (t_m * (seg_m > 0)).to(segment.device)
+            noise[m, :rows, :width] = noise_m.to(segment.device)
+        return t.view_as(segment), noise.view(*segment.shape, d)
+
+    def _row_values(self, values: Sequence[float], rows_each: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device).repeat_interleave(rows_each)
+
+    def _denoise(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
+        """Denoiser.forward with each member's λ and its rows of the stacked timestep table."""
+        adm, k = self.model.adm, len(self.members)
+        rows_each, steps, d = c.shape[0] // k, adm.steps, self.model.cfg.hidden_size
+        grid = torch.arange(steps, device=c.device, dtype=torch.float32)
+        table = adm.time_mlp(sinusoid(grid * (1000.0 / steps), d).repeat(k, 1))  # (K * T, D)
+        offset = (torch.arange(k, device=c.device) * steps).repeat_interleave(rows_each).unsqueeze(1)
+        t_emb = table[t + offset]
+        agg = self.model.cfg.aggregation
+        cond = None
+        if agg == "linear":
+            lam = self._row_values([m.cfg.lambda_uncertainty for m in self.members], rows_each)
+            z = c + lam.view(-1, 1, 1) * (x_t + t_emb)
+        elif agg == "concat":
+            z = adm.concat_proj(torch.cat([c, x_t + t_emb], dim=-1))
+        elif agg == "cross_attention":
+            z = x_t + t_emb
+        else:
+            z, cond = x_t, c + t_emb
+        pe = adm.positions(ctx.pos_q)
+        if pe is not None:
+            z = z + pe
+        if isinstance(adm.net, nn.Sequential):
+            return adm.net(z)
+        ctx.cond, ctx.memory = cond, c
+        return adm.net(z, ctx)[0]
+
+    def _losses(self, parts: list[Part | None], epoch: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """ADRec.forward_train on every member's part at once; (CE, MSE) per member (None: no part)."""
+        model, k = self.model, len(self.members)
+        seq, tgt, segment = self._lay_out(parts)
+        valid = tgt > 0
+        segment = segments(tgt, segment)
+        c, ctx = model.encode(seq, segment)
+        x0 = model.item_emb(tgt)
+        t, noise = self._draws(segment, x0.shape[-1])
+        rows_each, steps = seq.shape[0] // k, model.steps
+        offset = (torch.arange(k, device=seq.device) * steps).repeat_interleave(rows_each).unsqueeze(1)
+        sqrt_ab = torch.cat([m.sched.sqrt_ab for m in self.members])[t + offset]
+        sqrt_1m = torch.cat([m.sched.sqrt_one_minus_ab for m in self.members])[t + offset]
+        x_t = sqrt_ab.unsqueeze(-1) * x0 + sqrt_1m.unsqueeze(-1) * noise
+        x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
+        x0_hat = self._denoise(c, x_t, t, ctx)
+        shape = (k, rows_each, seq.shape[1])
+        x0_hat, x0 = x0_hat.view(*shape, -1), x0.view(*shape, -1)
+        valid, tgt, segment = valid.view(shape), tgt.view(shape), segment.view(shape)
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for m, member in enumerate(self.members):
+            rows, width = self.layout.rows[m], self.layout.width[m]
+            if rows == 0:
+                out.append(None)
+                continue
+            corner = (m, slice(rows), slice(width))
+            mse = sequence_mean(((x0_hat[corner] - x0[corner]) ** 2).mean(-1), segment[corner])
+            weight = model.item_emb.weight[m]
+            if member.warm_up(epoch):
+                weight = weight.detach()  # as the solo run's frozen table: no gradient computed
+            v = valid[corner]
+            out.append((linear_cross_entropy(x0_hat[corner][v], weight, tgt[corner][v]), mse))
+        return out
+
+    # --- one optimiser step per member ----------------------------------------------------------
+    def _step(self, batches: list[tuple[torch.Tensor, torch.Tensor] | None], where: int
+              ) -> list[tuple[float, int] | None]:
+        """One training step of every member that has a batch: (batch loss, sequences) per member
+        (None: no batch, or it diverged)."""
+        parts: list[list[Part]] = []
+        counts: list[int] = []
+        for member, batch in zip(self.members, batches):
+            counts.append(0)
+            if batch is None or member.diverged:
+                parts.append([])
+                continue
+            cfg, packed = member.cfg, train_rows(member.cfg, *batch)
+            n_positions, n_sequences = int((packed.tgt > 0).sum()), packed.n_sequences
+            counts[-1] = n_sequences
+            parts.append([Part(p, int((p.tgt > 0).sum()) / n_positions, p.n_sequences / n_sequences)
+                          for p in packed.split(cfg.max_tokens_per_step)])
+        for p in self.params:
+            p.grad = None
+        batch_loss: list[float | None] = [0.0 if p else None for p in parts]
+        for j in range(max(map(len, parts))):
+            current = [p[j] if j < len(p) and not member.diverged else None
+                       for p, member in zip(parts, self.members)]
+            total = None
+            for m, (member, part, losses) in enumerate(zip(self.members, current, self._losses(current, where))):
+                if losses is None:
+                    continue
+                ce, mse = losses[0] * part.ce_share, losses[1] * part.mse_share
+                loss = ce + member.cfg.mse_weight * mse
+                if not torch.isfinite(loss):
+                    member.diverged = f"training loss became {loss.item():.4g} at epoch {where}"
+                    continue
+                combined = (ce + member.cfg.mse_weight * mse) / (2 if member.cfg.loss_combination == "mean" else 1)
+                total = combined if total is None else total + combined
+                batch_loss[m] += loss.item()
+            if total is not None:
+                total.backward()
+        for m, member in enumerate(self.members):
+            if batch_loss[m] is None or member.diverged:
+                continue
+            if batch_loss[m] > DIVERGED_LOSS:
+                member.diverged = f"training loss became {batch_loss[m]:.4g} at epoch {where}"
+                continue
+            self.optimizer.step(m, self._grads(m, member, where), member.lr, member.cfg.weight_decay)
+        return [None if loss is None or member.diverged else (loss, n)
+                for loss, n, member in zip(batch_loss, counts, self.members)]
+
+    def _grads(self, m: int, member: Member, epoch: int) -> list[torch.Tensor | None]:
+        """Member m's gradient of each parameter, None where its solo run has none (the frozen
+        table in the warm-up); with warmup_embedding='decayed' those get a zero one, as
+        train.optimizer_step does, so Adam's weight decay still moves them."""
+        grads: list[torch.Tensor | None] = []
+        for i, p in enumerate(self.params):
+            g = None if p.grad is None or (i == self.emb_index and member.warm_up(epoch)) else p.grad[m]
+            if g is None and member.cfg.warmup_embedding == "decayed":
+                g = torch.zeros_like(p.data[m])
+            grads.append(g)
+        return grads
+
+    # --- epochs -----------------------------------------------------------------------------------
+    def _epoch(self, epoch: int) -> None:
+        """Train every member one epoch, in lock-step batch by batch; set each member's last_loss."""
+        self.model.train()
+        full_width = self.model.cfg.padding_mask == "query"
+        streams = [self.splits.train.batches(m.cfg.batch_size, m.cfg.seed, epoch + 1000 * m.stage_of_epoch(epoch),
+                                             m.cfg.bucketed_batches, full_width) for m in self.members]
+        totals = [[0.0, 0] for _ in self.members]
+        for batches in itertools.zip_longest(*streams):
+            for m, done in enumerate(self._step(list(batches), epoch)):
+                if done is not None:
+                    totals[m][0] += done[0] * done[1]
+                    totals[m][1] += done[1]
+        for member, (total, count) in zip(self.members, totals):
+            member.state.last_loss = total / max(count, 1)
+
+    def _evaluate(self, member: Member, m: int, split) -> dict[str, float]:
+        """Member m's metrics from its solo copy, with its own stream (solo `evaluate`)."""
+        member.solo.load_state_dict(member_state(self.model, m))
+        with member.rng.active():
+            return evaluate(member.solo, split, member.cfg.eval_batch_size, self.device,
+                            member.cfg.padding_mask == "query")
+
+    def _after_epoch(self, member: Member, m: int, epoch: int) -> bool:
+        """LR schedule, evaluation, selection and report of one member; True when it stops."""
+        state = member.state
+        member.lr = next(member.lrs)
+        state.epoch = epoch
+        state.seconds = time.perf_counter() - self.started
+        if epoch % member.cfg.eval_every and epoch != member.max_epochs:
+            return False
+        metrics = self._evaluate(member, m, self.splits.val)
+        if improved(member.cfg, state, metrics):
+            state.best_value = metrics[member.cfg.select_metric]
+            state.best_metrics, state.best_epoch, state.bad_evals = metrics, epoch, 0
+            member.best_state_dict = {k: v.clone() for k, v in member_state(self.model, m).items()}
+        else:
+            state.bad_evals += 1
+        stage = member.stage_of_epoch(epoch)
+        log.info("pack member %d epoch %d (stage %d) loss %.4f val %s", member.index, epoch, stage,
+                 state.last_loss, _fmt(metrics))
+        if member.report is not None:
+            member.report(_report_metrics(stage, epoch, metrics, state.best_value, state.last_loss, state.seconds),
+                          None)
+        return state.bad_evals >= member.cfg.patience or epoch == member.max_epochs
+
+    def _leave(self, leaving: list[int]) -> None:
+        for m in leaving:
+            self._finish(self.members[m], m)
+        keep = torch.tensor([m for m in range(len(self.members)) if m not in leaving], dtype=torch.long)
+        self.members = [self.members[m] for m in keep.tolist()]
+        self.layout.rngs = [m.rng for m in self.members]
+        if self.members:
+            compact(self.model, keep.to(self.device))
+            self.optimizer.compact(keep.to(self.device))
+
+    def _finish(self, member: Member, m: int) -> None:
+        result, state = member.result, member.state
+        s2 = member.cfg.stage_epochs()[1]
+        if member.diverged:
+            log.warning("pack member %d: %s", member.index, member.diverged)
+            result["status"], result["error"] = "diverged", member.diverged
+        result["epochs"].update(stage2=min(state.epoch, s2), stage3=max(state.epoch - s2, 0))
+        frac2 = min(state.epoch, s2) / max(state.epoch, 1)
+        result["seconds"].update(stage2=state.seconds * frac2, stage3=state.seconds * (1 - frac2))
+        result["best_epoch"] = state.best_epoch
+        if member.best_state_dict is None:
+            result["val"] = result["test"] = None
+            return
+        member.solo.load_state_dict(member.best_state_dict)
+        result["val"] = state.best_metrics
+        with member.rng.active():
+            result["test"] = evaluate(member.solo, self.splits.test, member.cfg.eval_batch_size, self.device,
+                                      member.cfg.padding_mask == "query")
+
+    def run(self) -> None:
+        epoch = 0
+        while self.members:
+            epoch += 1
+            self._epoch(epoch)
+            leaving = []
+            for m, member in enumerate(self.members):
+                if member.diverged:
+                    member.state.seconds = time.perf_counter() - self.started
+                    leaving.append(m)
+                elif self._after_epoch(member, m, epoch):
+                    leaving.append(m)
+            if leaving:
+                self._leave(leaving)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit_pack
+# ---------------------------------------------------------------------------------------------
+def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | None = None, *,
+             stage1_cache: str | Path | None = None, code_version: str | None = None) -> list[dict[str, Any]]:
+    """Train the configs as one pack (see the module docstring) and return one record per config,
+    in order, as `fit` returns it. Checkpoints are not written: each report's path is None."""
+    cfgs = list(cfgs)
+    check_packable(cfgs)
+    reports = list(reports) if reports is not None else [None] * len(cfgs)
+    if len(reports) != len(cfgs):
+        raise ValueError(f"reports has {len(reports)} entries for {len(cfgs)} configs; give one per config or None")
+    device = resolve_device(cfgs[0].device)
+    flush_denormals(device)
+    use_tf32(device)
+    data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, cfgs[0].max_users)
+    splits = Splits.build(data, cfgs[0].max_len)
+    env = environment(device, code_version)
+    members, results = [], []
+    for i, (cfg, report) in enumerate(zip(cfgs, reports)):
+        member = _start_member(i, cfg, report, data, splits, device, env, stage1_cache)
+        results.append(member.result)
+        if member.result["status"] == "completed":
+            members.append(member)
+    if members:
+        Pack(members, splits, device).run()
+    return results
+
+
+def _start_member(index: int, cfg: TrialConfig, report: Reporter | None, data, splits: Splits,
+                  device: torch.device, env: dict[str, str], cache: str | Path | None) -> Member:
+    """What `fit` does before its stage-2/3 loop: init, stage 1 (cached), the seed for stage 2."""
+    result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
+                              "epochs": {"stage1": 0, "stage2": 0, "stage3": 0},
+                              "seconds": {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0}, "env": dict(env)}
+    s1 = cfg.stage_epochs()[0]
+    seed_everything(cfg.seed)
+    solo = ADRec(cfg, splits.num_items).to(device)
+    stage1: dict[str, Any] = {"epochs": 0, "seconds": 0.0, "val": {}}
+    if s1 > 0:
+        try:
+            embedding, stage1 = cached_stage1(cfg, data, splits, device, s1, Path(cache) if cache else None, False)
+        except Diverged as exc:  # the member never joins the pack; its record is fit's
+            result.update(status="diverged", error=f"stage 1: {exc}", val=None, test=None, best_epoch=0)
+        else:
+            with torch.no_grad():
+                solo.item_emb.weight.copy_(embedding.to(device))
+            result["epochs"]["stage1"], result["seconds"]["stage1"] = stage1["epochs"], stage1["seconds"]
+            seed_everything(cfg.seed + 1)
+    if result["status"] == "completed":
+        result["stage1_val"] = stage1.get("val", {})
+        result["stage1_cached"] = bool(stage1.get("cached", False))
+    schedule = NoiseSchedule.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
+    return Member(index=index, cfg=cfg, solo=solo, rng=MemberRNG(torch.get_rng_state()), result=result,
+                  stage1=stage1, report=report, lrs=cosine_lrs(cfg), sched=schedule.tensors(device))

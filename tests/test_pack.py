@@ -1,0 +1,168 @@
+"""adrec.pack: a member trained in a pack equals the same config trained alone by `fit`.
+
+Each architecture variant packs members that differ in everything a pack lets differ (seed, lr,
+λ, dropout, MSE weight, noise schedule and level, weight decay, warm-up mode, loss combination,
+selection, batch size and micro-batches, stage epochs, evaluation interval, patience), one of
+them stopping early and, in the first pack, one diverging; every reported loss and metric, the
+stopping epoch and the test metrics must equal the solo run's within 1e-5. The per-member Adam
+and learning-rate schedule are checked against torch's own, bitwise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adrec.config import TrialConfig
+from adrec.pack import MemberAdam, check_packable, cosine_lrs, fit_pack
+from adrec.train import fit
+from test_train import Recorder, tiny, write_markov_file
+
+torch.set_num_threads(1)  # tiny models: extra threads only contend with the other test processes
+
+TOL = 1e-5
+
+# Members of a pack: A is the small default run, B changes every non-architecture knob it can,
+# C skips stage 1 and stops early (patience 1), D blows up in its second epoch.
+MEMBERS: dict[str, dict[str, Any]] = {
+    "A": dict(stage1_epochs=1, stage2_epochs=1, stage3_epochs=2),
+    "B": dict(stage1_epochs=1, stage2_epochs=2, stage3_epochs=1, seed=7, lr=3e-3, lambda_uncertainty=0.3,
+              dropout=0.0, emb_dropout=0.1, mse_weight=2.0, noise_schedule="beta", beta_a=0.5, beta_b=5.0,
+              noise_level="sequence", loss_combination="sum", weight_decay=1e-3, warmup_embedding="frozen",
+              selection="metric", batch_size=48, max_tokens_per_step=300, cosine_t_max=3, eval_every=2),
+    "C": dict(stage_plan="no_pretrain", stage1_epochs=0, stage2_epochs=0, stage3_epochs=10, patience=1,
+              selection="metric", seed=11, lr=1e-2, bucketed_batches=True, dropout=0.3),
+    "D": dict(stage_plan="no_pretrain", lr=1e4, batch_size=512, stage3_epochs=3),
+}
+
+# Every aggregation, positional encoding and denoiser at least once, and the authors' query masking.
+VARIANTS = [
+    (dict(aggregation="linear", positional_encoding="none"), "ABCD"),
+    (dict(aggregation="cross_attention", positional_encoding="learned"), "AB"),
+    (dict(aggregation="adaln", positional_encoding="sinusoidal"), "AB"),
+    (dict(aggregation="concat", positional_encoding="rotary"), "AC"),
+    (dict(aggregation="linear", positional_encoding="learned", denoiser="mlp"), "AB"),
+    (dict(aggregation="concat", positional_encoding="none", denoiser="mlp"), "BC"),
+    (dict(aggregation="linear", positional_encoding="rotary", padding_mask="query"), "AB"),
+]
+VARIANT_IDS = ["-".join(str(v) for v in arch.values()) + f"-{names}" for arch, names in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_markov_file(tmp_path_factory.mktemp("data") / "markov120.txt", users=120)
+
+
+def assert_same_run(solo: dict, solo_rec: Recorder, packed: dict, packed_rec: Recorder) -> None:
+    assert packed["status"] == solo["status"] and packed["error"] == solo["error"]
+    assert packed["epochs"] == solo["epochs"]
+    assert packed["best_epoch"] == solo["best_epoch"]
+    assert [p["epoch"] for p in packed_rec.payloads] == [p["epoch"] for p in solo_rec.payloads]
+    for ours, theirs in zip(packed_rec.payloads, solo_rec.payloads):
+        assert ours["stage"] == theirs["stage"]
+        for key, value in theirs.items():
+            if key != "seconds":
+                assert ours[key] == pytest.approx(value, abs=TOL), (theirs["epoch"], key)
+    for split in ("val", "test"):
+        if solo[split] is None:
+            assert packed[split] is None
+        else:
+            assert packed[split] == pytest.approx(solo[split], abs=TOL), split
+    if "stage1_val" in solo:
+        assert packed["stage1_val"] == pytest.approx(solo["stage1_val"], abs=TOL)
+
+
+@pytest.mark.parametrize("arch, names", VARIANTS, ids=VARIANT_IDS)
+def test_a_packed_member_equals_its_solo_run(small_file: Path, arch: dict, names: str) -> None:
+    cfgs = [tiny(small_file, **{**MEMBERS[n], **arch}) for n in names]
+    packed_recs = [Recorder() for _ in cfgs]
+    packed = fit_pack(cfgs, packed_recs)
+    for name, cfg, result, rec in zip(names, cfgs, packed, packed_recs):
+        solo_rec = Recorder()
+        solo = fit(cfg, report=solo_rec)
+        assert_same_run(solo, solo_rec, result, rec)
+        assert result["config"] == cfg.to_dict()
+        if name == "D":
+            assert result["status"] == "diverged" and result["best_epoch"] == 1
+        else:
+            assert result["status"] == "completed"
+        if name == "C" and arch["aggregation"] == "concat":  # patience 1 stops it early here
+            assert result["epochs"]["stage3"] < 10 and rec.payloads[-1]["epoch"] == result["best_epoch"] + 1
+
+
+def test_members_of_one_seed_share_the_stage1_cache(small_file: Path, tmp_path: Path) -> None:
+    base = tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1)
+    cfgs = [base, base.replace(lambda_uncertainty=0.5, mse_weight=3.0)]
+    packed = fit_pack(cfgs, stage1_cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert [r["stage1_cached"] for r in packed] == [False, True]
+    for cfg, result in zip(cfgs, packed):
+        solo = fit(cfg)
+        assert result["val"] == pytest.approx(solo["val"], abs=TOL)
+        assert result["test"] == pytest.approx(solo["test"], abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [({"hidden_size": 32}, "hidden_size"), ({"aggregation": "concat"}, "aggregation"),
+     ({"padding_mask": "query"}, "padding_mask"), ({"max_len": 10}, "max_len")],
+)
+def test_configs_of_different_architectures_are_refused_naming_the_field(changes: dict, field: str) -> None:
+    base = TrialConfig(hidden_size=16, heads=2)
+    with pytest.raises(ValueError, match=f"^{field} differs within the pack"):
+        check_packable([base, base.replace(**changes)])
+    check_packable([base, base.replace(seed=3, lr=0.01, dropout=0.0, stage_plan="no_pretrain")])
+
+
+def test_baselines_and_pcgrad_are_refused() -> None:
+    with pytest.raises(ValueError, match="model='sasrec' cannot be packed"):
+        check_packable([TrialConfig(model="sasrec")])
+    with pytest.raises(ValueError, match="pcgrad=True cannot be packed"):
+        check_packable([TrialConfig(pcgrad=True)])
+
+
+def test_member_adam_is_torch_adam_per_member() -> None:
+    """Stacked members with their own lr and weight decay, one of them skipping a parameter for
+    two steps (as the frozen warm-up table), step for step bitwise equal to torch.optim.Adam."""
+    torch.manual_seed(0)
+    lrs, decays = [1e-3, 3e-2, 5e-4], [0.0, 1e-2, 1e-5]
+    shapes = [(5, 4), (4,)]
+    stacked = [torch.nn.Parameter(torch.randn(3, *s)) for s in shapes]
+    solos = [[torch.nn.Parameter(p.data[m].clone()) for p in stacked] for m in range(3)]
+    ours = MemberAdam(stacked, 3)
+    theirs = [torch.optim.Adam(ps, lr=lr, weight_decay=wd) for ps, lr, wd in zip(solos, lrs, decays)]
+    for step in range(6):
+        grads = [torch.randn(3, *s) for s in shapes]
+        for m in range(3):
+            skip = m == 1 and step < 2
+            member_grads = [None if skip and i == 0 else g[m] for i, g in enumerate(grads)]
+            ours.step(m, member_grads, lrs[m], decays[m])
+            for p, g in zip(solos[m], member_grads):
+                p.grad = None if g is None else g.clone()
+            theirs[m].step()
+    for m in range(3):
+        for p, q in zip(stacked, solos[m]):
+            assert torch.equal(p.data[m], q.data)
+    assert not torch.equal(stacked[0].data[1], solos[0][0].data)  # the members did differ
+
+
+def test_member_adam_compacts_to_the_members_left() -> None:
+    stacked = [torch.nn.Parameter(torch.zeros(3, 2))]
+    adam = MemberAdam(stacked, 3)
+    adam.step(2, [torch.ones(2)], 0.1, 0.0)
+    stacked[0].data = stacked[0].data[torch.tensor([0, 2])]
+    adam.compact(torch.tensor([0, 2]))
+    assert adam.exp_avg[0].shape == (2, 2) and adam.steps[0][1].item() == 1.0 and adam.steps[0][0].item() == 0.0
+
+
+def test_cosine_lrs_are_the_schedulers_floats() -> None:
+    cfg = TrialConfig(lr=3e-3, cosine_t_max=7)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
+    lrs = cosine_lrs(cfg)
+    for _ in range(20):
+        assert next(lrs) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
