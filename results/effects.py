@@ -74,10 +74,16 @@ class DatasetFit:
     eligible: dict[str, list[int]] = field(default_factory=dict)  # rankable levels per knob
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # every screened pair
     tss: float = np.nan
+    # the model each knob is read from: `model` itself, except in a small sweep where a knob
+    # left out of the screened model gets that model plus itself (see `fit_dataset`)
+    models: dict[str, lm.LevelModel] = field(default_factory=dict)
 
     @property
     def knobs(self) -> list[str]:
-        return list(self.model.codes) if self.model is not None else []
+        return list(self.models)
+
+    def m(self, knob: str) -> lm.LevelModel:
+        return self.models[knob]
 
     def label(self, knob: str, code: int) -> str:
         return self.levels[knob].order[code]
@@ -119,30 +125,88 @@ def fit_dataset(dataset: str, units: pd.DataFrame, levels: dict[str, Levels], me
                       f"model needs at least {MIN_CONFIGS}, so effects there are not estimated",
                       stacklevel=2)
         return fit
-    additive = lm.fit(codes, n_levels, y, values=values, level_values=level_values)
-    if len(y) - additive.p < additive.p and values:
-        # the trend terms cost two columns per numeric knob: with fewer residual degrees of
-        # freedom than terms they would eat the power to see anything; bins only
-        additive = lm.fit(codes, n_levels, y)
-    if len(y) - additive.p < 3:
-        warnings.warn(f"dataset {dataset!r}: {len(y)} configs for {additive.p} model terms; "
-                      "effects there are not estimated (sample more paired configs)", stacklevel=2)
-        return fit
+    additive = choose_model(codes, n_levels, y, values, level_values)
     fit.tss = float(np.sum((y - y.mean()) ** 2))
-    fit.pairs, pairs = select_pairs(additive, floor)
     fit.additive = additive
-    fit.model = lm.refit(additive, pairs) if pairs else additive
-    lm.bootstrap(fit.model, lm.bootstrap_weights(len(y), n_boot, rng_for(seed, dataset)))
-    for m in cost_metrics:
-        if m in part:
-            lm.add_metric(fit.model, m, part[m].to_numpy(float))
-    specs = set(fit.model.specs)
+    if len(y) - additive.p >= additive.p:
+        fit.pairs, pairs = select_pairs(additive, floor)
+        fit.model = lm.refit(additive, pairs) if pairs else additive
+        fit.models = {name: fit.model for name in codes}
+    else:
+        fit.model, fit.models, chosen = screened_models(codes, n_levels, y, values, level_values)
+        warnings.warn(f"dataset {dataset!r}: {len(y)} paired configs for {additive.p} model "
+                      "terms; each knob is adjusted only for the knobs a forward F-screen keeps "
+                      f"({', '.join(chosen) or 'none'}), and interactions are not screened "
+                      "(sample more paired configs for the full model)", stacklevel=2)
+    weights = lm.bootstrap_weights(len(y), n_boot, rng_for(seed, dataset))
+    for model in {id(m): m for m in fit.models.values()}.values():
+        lm.bootstrap(model, weights)
+        for m in cost_metrics:
+            if m in part:
+                lm.add_metric(model, m, part[m].to_numpy(float))
     for name, c in codes.items():
+        model = fit.m(name)
+        specs = set(model.specs)
         counts = np.bincount(c[c >= 0], minlength=n_levels[name])
         fit.eligible[name] = [lv for lv in range(n_levels[name])
                               if counts[lv] >= MIN_UNITS_PER_LEVEL
-                              and (lv == fit.model.ref[name] or ("main", name, lv) in specs)]
+                              and (lv == model.ref[name] or ("main", name, lv) in specs
+                                   or ("slope", name) in specs)]
     return fit
+
+
+def screened_models(codes: dict[str, np.ndarray], n_levels: dict[str, int], y: np.ndarray,
+                    values: dict[str, np.ndarray], level_values: dict[str, np.ndarray]
+                    ) -> tuple[lm.LevelModel, dict[str, lm.LevelModel], list[str]]:
+    """For a sweep too small for every knob at once: forward selection of knobs (the F-test of
+    adding each knob's block, p < 0.05, while the residual degrees of freedom stay >= 10 and
+    >= half the terms), numeric knobs by their quadratic trend; then each knob left out is read
+    from the selected model plus itself, so its effect is still adjusted for the knobs that
+    matter. Returns (the selected model, the model of each knob, the selected knobs)."""
+    def model_of(names: list[str]) -> lm.LevelModel:
+        return lm.fit({k: codes[k] for k in names}, {k: n_levels[k] for k in names}, y,
+                      values={k: values[k] for k in names if k in values},
+                      level_values={k: level_values[k] for k in names if k in level_values},
+                      numeric_bins=False)
+
+    n, chosen = len(y), []
+    current: lm.LevelModel | None = None
+    rss0, p0 = float(np.sum((y - y.mean()) ** 2)), 1
+    while True:
+        best, best_p = None, ALPHA
+        for k in codes:
+            if k in chosen:
+                continue
+            trial = model_of([*chosen, k])
+            df1, df2 = trial.p - p0, n - trial.p
+            if df1 <= 0 or df2 < max(10, trial.p // 2) or trial.rss <= 0:
+                continue
+            p = float(f_dist.sf(((rss0 - trial.rss) / df1) / (trial.rss / df2), df1, df2))
+            if p < best_p:
+                best, best_p, current = k, p, trial
+        if best is None:
+            break
+        chosen.append(best)
+        rss0, p0 = current.rss, current.p
+    models = {k: current if k in chosen else model_of([*chosen, k]) for k in codes}
+    base = current if current is not None else next(iter(models.values()))
+    return base, models, chosen
+
+
+def choose_model(codes: dict[str, np.ndarray], n_levels: dict[str, int], y: np.ndarray,
+                 values: dict[str, np.ndarray], level_values: dict[str, np.ndarray]
+                 ) -> lm.LevelModel:
+    """The richest additive model the configs carry: numeric knobs as bins + a quadratic trend,
+    else by the trend alone; the first whose residual degrees of freedom are at least its number
+    of terms, else the smaller one (and `fit_dataset` screens knobs instead)."""
+    candidates = [lm.fit(codes, n_levels, y, values=values, level_values=level_values)]
+    if values:
+        candidates.append(lm.fit(codes, n_levels, y, values=values, level_values=level_values,
+                                 numeric_bins=False))
+    for model in candidates:
+        if len(y) - model.p >= model.p:
+            return model
+    return min(candidates, key=lambda m: m.p)
 
 
 def did(gamma: np.ndarray) -> float:
@@ -219,13 +283,18 @@ def select_pairs(additive: lm.LevelModel, floor: float
 
 def interaction_table(model: lm.LevelModel, j: str, k: str) -> np.ndarray:
     """gamma[a, b]: the pair's interaction coefficient (0 on reference rows/columns, NaN where
-    the cell is not estimable)."""
+    the cell is not estimable or seen in fewer than MIN_UNITS_PER_LEVEL configs)."""
     gamma = np.full((model.n_levels[j], model.n_levels[k]), np.nan)
     gamma[model.ref[j], :] = 0.0
     gamma[:, model.ref[k]] = 0.0
     for col, spec in enumerate(model.specs):
         if spec[0] == "pair" and spec[1] == j and spec[3] == k:
             gamma[spec[2], spec[4]] = model.beta[col]
+    # a cell seen in a handful of configs says little: its size is not taken at face value
+    counts = np.zeros_like(gamma)
+    both = (model.codes[j] >= 0) & (model.codes[k] >= 0)
+    np.add.at(counts, (model.codes[j][both], model.codes[k][both]), 1)
+    gamma[counts < MIN_UNITS_PER_LEVEL] = np.nan
     return gamma
 
 
@@ -237,7 +306,7 @@ def _pair_family(fit: DatasetFit, knob: str, given: dict[str, int] | None = None
     level), and the PD vectors of the eligible levels."""
     given = given or {}
     levels = fit.eligible.get(knob, [])
-    vectors = np.array([fit.model.pd_vector({knob: lv, **given}) for lv in levels])
+    vectors = np.array([fit.m(knob).pd_vector({knob: lv, **given}) for lv in levels])
     pairs = [(a, b) for a in range(len(levels)) for b in range(a + 1, len(levels))]
     C = np.array([vectors[a] - vectors[b] for a, b in pairs]) if pairs else np.zeros((0, 0))
     return pairs, C, vectors
@@ -253,16 +322,17 @@ def _range(sim: lm.Simultaneous, idx: list[int]) -> tuple[float, float, float]:
 
 def knob_effect(fit: DatasetFit, knob: str) -> dict:
     """The adjusted effect of one knob on one dataset, with its verdict word and reason."""
+    model = fit.m(knob)
     row = {"knob": knob, "dataset": fit.dataset, "noise_floor": fit.floor,
-           "n_configs": int((fit.model.codes[knob] >= 0).sum()) if fit.model else 0}
+           "n_configs": int((model.codes[knob] >= 0).sum())}
     levels = fit.eligible.get(knob, [])
     row["levels"] = len(levels)
-    if fit.model is None or len(levels) < 2:
+    if len(levels) < 2:
         return {**row, "word": "not detected",
                 "reason": f"fewer than 2 levels with >= {MIN_UNITS_PER_LEVEL} configs"}
     pairs, C, vectors = _pair_family(fit, knob)
-    sim = lm.simultaneous(fit.model, C, ALPHA)
-    pd_values = vectors @ fit.model.beta
+    sim = lm.simultaneous(model, C, ALPHA)
+    pd_values = vectors @ model.beta
     best, worst = int(np.argmax(pd_values)), int(np.argmin(pd_values))
     effect, low, high = _range(sim, list(range(len(pairs))))
     word, reason = judge(effect, low, high, fit.floor)
@@ -281,16 +351,17 @@ def conditional_effects(fit: DatasetFit, knob: str, partner: str) -> pd.DataFram
             families.append((a, C))
     if not families:
         return pd.DataFrame()
-    sim = lm.simultaneous(fit.model, np.vstack([C for _, C in families]), ALPHA)
+    model = fit.m(knob)
+    sim = lm.simultaneous(model, np.vstack([C for _, C in families]), ALPHA)
     start = 0
     for a, C in families:
         idx = list(range(start, start + len(C)))
         start += len(C)
         effect, low, high = _range(sim, idx)
         word, reason = judge(effect, low, high, fit.floor)
-        vectors = np.array([fit.model.pd_vector({knob: lv, partner: a})
+        vectors = np.array([model.pd_vector({knob: lv, partner: a})
                             for lv in fit.eligible[knob]])
-        best = fit.eligible[knob][int(np.argmax(vectors @ fit.model.beta))]
+        best = fit.eligible[knob][int(np.argmax(vectors @ model.beta))]
         rows.append({"knob": knob, "dataset": fit.dataset, "partner": partner,
                      "partner_level": fit.label(partner, a), "best_level": fit.label(knob, best),
                      "effect": effect, "ci_low": low, "ci_high": high,
@@ -305,7 +376,7 @@ def partners(fit: DatasetFit, knob: str) -> list[str]:
     kept = fit.pairs[fit.pairs["kept"]]
     out = []
     for a, b in zip(kept["knob_a"], kept["knob_b"]):
-        if (a, b) in fit.model.pairs and knob in (a, b):
+        if (a, b) in fit.m(knob).pairs and knob in (a, b):
             out.append(b if a == knob else a)
     return out
 
@@ -359,27 +430,28 @@ def level_table(fits: list[DatasetFit], effects: pd.DataFrame, cost_metrics: lis
     for fit in fits:
         for knob in fit.knobs:
             lev = fit.levels[knob]
-            codes = fit.model.codes[knob]
-            y = fit.model.y
+            model = fit.m(knob)
+            codes = model.codes[knob]
+            y = model.y
             eligible = fit.eligible.get(knob, [])
-            vectors = {lv: fit.model.pd_vector({knob: lv}) for lv in range(len(lev.order))
+            vectors = {lv: model.pd_vector({knob: lv}) for lv in range(len(lev.order))
                        if (codes == lv).any()}
             best = eff.loc[(knob, fit.dataset), "best_level"] if (knob, fit.dataset) in eff.index \
                 else None
             worse = _clearly_worse(fit, knob, eligible) if len(eligible) >= 2 else {}
             for lv, c in vectors.items():
-                boots = fit.model.resamples(c)[:, 0]
+                boots = model.resamples(c)[:, 0]
                 lo, hi = np.nanquantile(boots, [ALPHA / 2, 1 - ALPHA / 2])
                 label = lev.order[lv]
                 row = {"knob": knob, "dataset": fit.dataset, "level": label, "x": lev.x[label],
                        "binned": lev.binned, "n_configs": int((codes == lv).sum()),
-                       "raw_mean": float(y[codes == lv].mean()), "mean": float(c @ fit.model.beta),
+                       "raw_mean": float(y[codes == lv].mean()), "mean": float(c @ model.beta),
                        "ci_low": lo, "ci_high": hi, "ranked": lv in eligible,
                        "best": label == best,
                        "recommended": lv in eligible and not worse.get(lv, False)}
                 for m in cost_metrics:
-                    if m in fit.model.extra:
-                        row[m] = float(c @ fit.model.extra[m])
+                    if m in model.extra:
+                        row[m] = float(c @ model.extra[m])
                 rows.append(row)
     columns = ["knob", "dataset", "level", "x", "binned", "n_configs", "raw_mean", "mean",
                "ci_low", "ci_high", "ranked", "best", "recommended", *cost_metrics]
@@ -390,8 +462,8 @@ def _clearly_worse(fit: DatasetFit, knob: str, eligible: list[int]) -> dict[int,
     """Level -> True when the best level beats it by an effect that matters (same family as
     the knob's effect, so the two agree)."""
     pairs, C, vectors = _pair_family(fit, knob)
-    sim = lm.simultaneous(fit.model, C, ALPHA)
-    values = vectors @ fit.model.beta
+    sim = lm.simultaneous(fit.m(knob), C, ALPHA)
+    values = vectors @ fit.m(knob).beta
     b = int(np.argmax(values))
     out = {}
     for i, (x, z) in enumerate(pairs):
@@ -430,8 +502,10 @@ def variance_shares(fits: list[DatasetFit]) -> pd.DataFrame:
     for fit in fits:
         if fit.model is None or not fit.tss:
             continue
-        model, n, X = fit.model, fit.model.n, fit.model.matrix()
+        n = fit.model.n
         for knob in fit.knobs:
+            model = fit.m(knob)
+            X = model.matrix()
             codes = model.codes[knob]
             on = codes >= 0
             # the knob's own terms at each config's value, plus its interaction terms averaged
@@ -485,8 +559,9 @@ def tunability(fits: list[DatasetFit]) -> pd.DataFrame:
         if fit.model is None:
             continue
         base = default_codes(fit)
-        x0 = fit.model.point_vector(base)
         for knob in fit.knobs:
+            model = fit.m(knob)
+            x0 = model.point_vector(base)
             row = {"knob": knob, "dataset": fit.dataset, "noise_floor": fit.floor}
             if base[knob] < 0:
                 rows.append({**row, "word": "inactive at the default",
@@ -497,10 +572,10 @@ def tunability(fits: list[DatasetFit]) -> pd.DataFrame:
                 rows.append({**row, "default_level": fit.label(knob, base[knob]),
                              "word": "not estimated"})
                 continue
-            C = np.array([fit.model.point_vector({**base, knob: lv}) - x0 for lv in levels])
+            C = np.array([model.point_vector({**base, knob: lv}) - x0 for lv in levels])
             # one simultaneous family over the levels tried against the default, as for effects:
             # the best of several noisy gains is not taken at face value
-            sim = lm.simultaneous(fit.model, C, ALPHA)
+            sim = lm.simultaneous(model, C, ALPHA)
             best = int(np.argmax(sim.estimate))
             gain = max(0.0, float(sim.estimate[best]))
             lo = max(0.0, float(np.max(sim.low)))

@@ -22,7 +22,7 @@ from adrec.config import KNOBS as VOCABULARY
 from adrec.config import Knob
 
 MAX_DISTINCT_AS_LEVELS = 6  # a numeric knob with at most this many values keeps one level per value
-MIN_BINS, MAX_BINS = 2, 5  # quantile bins of a numeric knob: more configs, more bins
+MIN_BINS, MAX_BINS = 3, 5  # quantile bins of a numeric knob: more configs, more bins
 CONFIGS_PER_BIN = 40  # ... one more bin per this many configs (a bin costs the model one parameter)
 
 KNOBS: tuple[Knob, ...] = tuple(VOCABULARY.values())

@@ -52,10 +52,13 @@ def build_matrix(codes: dict[str, np.ndarray], values: dict[str, np.ndarray],
 
 def candidate_specs(codes: dict[str, np.ndarray], n_levels: dict[str, int], ref: dict[str, int],
                     pairs: Iterable[tuple[str, str]] = (),
-                    values: dict[str, np.ndarray] | None = None) -> list[Spec]:
+                    values: dict[str, np.ndarray] | None = None,
+                    numeric_bins: bool = True) -> list[Spec]:
     specs: list[Spec] = [("1",)]
     for k, c in codes.items():
-        specs += [("main", k, lv) for lv in range(n_levels[k]) if lv != ref[k] and (c == lv).any()]
+        if numeric_bins or not values or k not in values:
+            specs += [("main", k, lv) for lv in range(n_levels[k])
+                      if lv != ref[k] and (c == lv).any()]
         if values and k in values:
             specs += [("slope", k), ("curve", k)]
     # after every level column: where a knob is active only at one level of another (lambda
@@ -104,6 +107,7 @@ class LevelModel:
     boot: np.ndarray | None = None  # (B, p) coefficients of the resamples
     absent: np.ndarray | None = None  # (B, p) True where a column had no row in the resample
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # other metrics' coefficients
+    numeric_bins: bool = True  # False: numeric knobs by their trend terms only
 
     @property
     def n(self) -> int:
@@ -163,12 +167,14 @@ class LevelModel:
 
 def fit(codes: dict[str, np.ndarray], n_levels: dict[str, int], y: np.ndarray,
         pairs: Iterable[tuple[str, str]] = (), values: dict[str, np.ndarray] | None = None,
-        level_values: dict[str, np.ndarray] | None = None) -> LevelModel:
+        level_values: dict[str, np.ndarray] | None = None,
+        numeric_bins: bool = True) -> LevelModel:
     """Least-squares fit; the reference level of each knob is its most frequent one.
 
-    A binned numeric knob gets a linear and a quadratic term in its standardised value (on its
-    scale) beside its level dummies, so a smooth trend inside a bin is not left in the residual,
-    where an unrelated knob sampled unevenly along it could pick it up.
+    A binned numeric knob in `values` gets a linear and a quadratic term in its standardised
+    value (on its scale) beside its level dummies (or instead of them, `numeric_bins=False`), so
+    a smooth trend inside a bin is not left in the residual, where an unrelated knob sampled
+    unevenly along it could pick it up.
     """
     values, level_values = values or {}, level_values or {}
     ref = {}
@@ -176,19 +182,21 @@ def fit(codes: dict[str, np.ndarray], n_levels: dict[str, int], y: np.ndarray,
         counts = np.bincount(c[c >= 0], minlength=n_levels[k])
         ref[k] = int(np.argmax(counts))
     pairs = tuple(pairs)
-    specs = candidate_specs(codes, n_levels, ref, pairs, values)
+    specs = candidate_specs(codes, n_levels, ref, pairs, values, numeric_bins)
     X = build_matrix(codes, values, specs)
     keep = independent(X)
     specs = [specs[i] for i in keep]
     X = X[:, keep]
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
     rss = float(np.sum((y - X @ beta) ** 2))
-    return LevelModel(codes, values, level_values, n_levels, ref, pairs, specs, y, beta, rss)
+    return LevelModel(codes, values, level_values, n_levels, ref, pairs, specs, y, beta, rss,
+                      numeric_bins=numeric_bins)
 
 
 def refit(model: LevelModel, pairs: Iterable[tuple[str, str]]) -> LevelModel:
-    """The same data and knobs with another set of interaction pairs."""
-    return fit(model.codes, model.n_levels, model.y, pairs, model.values, model.level_values)
+    """The same data, knobs and terms with another set of interaction pairs."""
+    return fit(model.codes, model.n_levels, model.y, pairs, model.values, model.level_values,
+               model.numeric_bins)
 
 
 class PairScreen:

@@ -78,7 +78,7 @@ def difference(fit: DatasetFit, knob: str, level_a: str, level_b: str) -> tuple[
     if ia == ib:
         return 0.0, 0.0, 0.0
     pairs, C, _ = _pair_family(fit, knob)
-    sim = lm.simultaneous(fit.model, C, ALPHA)
+    sim = lm.simultaneous(fit.m(knob), C, ALPHA)
     for i, (x, z) in enumerate(pairs):
         if (eligible[x], eligible[z]) == (ia, ib):
             return float(sim.estimate[i]), float(sim.low[i]), float(sim.high[i])
@@ -265,11 +265,12 @@ def open_questions(fits: list[DatasetFit], effects: pd.DataFrame, n_boot: int,
                 rows.append({"question": question, "dataset": fit.dataset,
                              "answer": "not covered: a group has too few configs"})
                 continue
-            mean_of = lambda lvs: np.mean([fit.model.pd_vector({knob: order.index(lv)})  # noqa
+            model = fit.m(knob)
+            mean_of = lambda lvs: np.mean([model.pd_vector({knob: order.index(lv)})  # noqa
                                            for lv in lvs], axis=0)
             c = mean_of(a) - mean_of(b)
-            est = float(c @ fit.model.beta)
-            boots = fit.model.resamples(c)[:, 0]
+            est = float(c @ model.beta)
+            boots = model.resamples(c)[:, 0]
             lo, hi = np.nanquantile(boots, [ALPHA / 2, 1 - ALPHA / 2])
             size_lo = lo if est >= 0 else -hi
             word, reason = judge(abs(est), max(size_lo, 0.0), max(abs(lo), abs(hi)), fit.floor)
