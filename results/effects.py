@@ -13,7 +13,9 @@ off that one fit:
   model, and a knob's *conditional* effect at each level of its partner is reported;
 - a conditional knob (lambda_uncertainty needs aggregation=linear) is analysed only on the configs
   where it is active: nested coding in the model, and its partial dependence averages over those
-  configs only.
+  configs only;
+- a sweep too small for every knob at once screens knobs forward by F-test and reads each other
+  knob from the screened model plus itself (`screened_models`).
 
 The verdict words (`judge`):
 - matters: the simultaneous 95% interval of the effect excludes 0 AND the effect exceeds the
@@ -365,7 +367,7 @@ def conditional_effects(fit: DatasetFit, knob: str, partner: str) -> pd.DataFram
         rows.append({"knob": knob, "dataset": fit.dataset, "partner": partner,
                      "partner_level": fit.label(partner, a), "best_level": fit.label(knob, best),
                      "effect": effect, "ci_low": low, "ci_high": high,
-                     "word": "matters" if word == "matters" else word, "reason": reason})
+                     "word": word, "reason": reason})
     return pd.DataFrame(rows)
 
 
