@@ -114,3 +114,67 @@ def run_bench(cfg: TrialConfig, epochs: int = 2, warmup: int = 1, eval_passes: i
         "config": cfg.to_dict(),
     })
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Packs: K members trained as one model against the same K configs trained one after another
+# ---------------------------------------------------------------------------------------------
+def _evaluations_per_trial(epochs: int, eval_every: int) -> int:
+    """Validation passes of an `epochs`-epoch trial (every `eval_every` epochs and at the last one)
+    plus its one test pass."""
+    return len({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs}) + 1
+
+
+def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int = 8) -> dict[str, Any]:
+    """Stage-3 seconds per epoch of K members (seeds seed, seed+1, ...) in one pack and of the same
+    K configs trained one after another, measured in alternating rounds so that both see the same
+    machine load; per-member seconds per epoch and trials per hour for `trial_epochs`-epoch trials
+    (validation and test passes included, timed once: a pack evaluates each member as fit does;
+    stage 1 is left out, it is shared through the stage-1 cache)."""
+    from adrec.pack import Pack, _start_member
+
+    if k < 1 or epochs < 1:
+        raise ValueError(f"bench --pack needs K >= 1 and epochs >= 1; got K={k}, epochs={epochs}")
+    device = resolve_device(cfg.device)
+    flush_denormals(device)
+    use_tf32(device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
+    splits = Splits.build(data, cfg.max_len)
+    cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
+    env = environment(device)
+    pack = Pack([_start_member(i, c, None, data, splits, device, env, None) for i, c in enumerate(cfgs)],
+                splits, device)
+    solos = []
+    for c in cfgs:
+        seed_everything(c.seed)
+        model = ADRec(c, splits.num_items).to(device)
+        solos.append((c, model, make_optimizer(c, model)[0]))
+    pack_times, solo_times = [], []
+    for epoch in range(1, epochs + 1):
+        _sync(device)
+        start = time.perf_counter()
+        pack._epoch(epoch)
+        _sync(device)
+        pack_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for c, model, optimizer in solos:
+            train_epoch(c, model, optimizer, splits.train, epoch + 3000, device, epoch)
+        _sync(device)
+        solo_times.append(time.perf_counter() - start)
+    eval_times, _ = _time_eval(cfg, solos[0][1], splits, device, passes=1)
+    pack_member, solo_member = statistics.median(pack_times) / k, statistics.median(solo_times) / k
+    evals = _evaluations_per_trial(trial_epochs, cfg.eval_every) * statistics.median(eval_times)
+
+    def per_hour(s_per_epoch: float) -> float:
+        return 3600.0 / (trial_epochs * s_per_epoch + evals)
+
+    return {
+        "dataset": data.name, "users": len(data.train), "items": data.num_items, "device": str(device),
+        "pack_size": k, "timed_epochs": epochs, "trial_epochs": trial_epochs,
+        "pack_s_per_epoch": pack_times, "sequential_s_per_epoch": solo_times,
+        "pack_s_per_member_epoch": pack_member, "sequential_s_per_member_epoch": solo_member,
+        "pack_over_sequential": pack_member / solo_member,
+        "eval_s_per_pass": statistics.median(eval_times),
+        "pack_trials_per_hour": per_hour(pack_member), "sequential_trials_per_hour": per_hour(solo_member),
+        "peak_rss_mb": peak_rss_mb(), "env": env, "config": cfg.to_dict(),
+    }

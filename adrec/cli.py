@@ -146,11 +146,14 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from adrec.bench import run_bench
+    from adrec.bench import run_bench, run_pack_bench
 
     cfg = build_config(args)
     check_dataset(cfg)
-    figures = run_bench(cfg, epochs=args.epochs, warmup=args.warmup)
+    if args.pack:
+        figures = run_pack_bench(cfg, args.pack, epochs=args.epochs)
+    else:
+        figures = run_bench(cfg, epochs=args.epochs, warmup=args.warmup)
     print(json.dumps(figures, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2))
@@ -197,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=2, help="timed epochs per stage (after warm-up)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     bench.add_argument("--out", help="write the figures (JSON) here")
+    bench.add_argument("--pack", type=int, default=0, metavar="K",
+                       help="time K seeds trained as one pack against the K runs in sequence")
     bench.set_defaults(func=cmd_bench)
     return p
 

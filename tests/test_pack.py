@@ -166,3 +166,16 @@ def test_cosine_lrs_are_the_schedulers_floats() -> None:
         assert next(lrs) == opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
+
+
+def test_pack_bench_times_the_pack_and_the_runs_in_sequence(small_file: Path) -> None:
+    from adrec.bench import _evaluations_per_trial, run_pack_bench
+
+    figures = run_pack_bench(tiny(small_file, eval_every=3), k=2, epochs=2, trial_epochs=8)
+    assert figures["pack_size"] == 2 and len(figures["pack_s_per_epoch"]) == len(figures["sequential_s_per_epoch"]) == 2
+    assert figures["pack_s_per_member_epoch"] == pytest.approx(sorted(figures["pack_s_per_epoch"])[0] / 2 / 2
+                                                               + sorted(figures["pack_s_per_epoch"])[1] / 2 / 2)
+    for key in ("pack_trials_per_hour", "sequential_trials_per_hour", "eval_s_per_pass", "pack_over_sequential"):
+        assert figures[key] > 0
+    assert _evaluations_per_trial(8, 3) == 4  # after epochs 3, 6 and 8, and the test pass
+    assert _evaluations_per_trial(10, 5) == 3
