@@ -42,6 +42,7 @@ ALPHA = 0.05
 MIN_UNITS_PER_LEVEL = 5  # a level seen in fewer configs is modelled but never ranked
 MIN_CONFIGS = 12  # a dataset with fewer paired configs gets no model
 MAX_PAIRS = 3  # interaction blocks added to one dataset's model (the largest kept pairs)
+MIN_CELL = 3  # an interaction cell seen in fewer configs does not count towards its size
 MAX_CANDIDATES = 5  # significant pairs tried per selection step (by p-value) for their size
 WORDS = ("matters", "depends", "equivalent", "small", "not detected")
 
@@ -285,7 +286,7 @@ def select_pairs(additive: lm.LevelModel, floor: float
 
 def interaction_table(model: lm.LevelModel, j: str, k: str) -> np.ndarray:
     """gamma[a, b]: the pair's interaction coefficient (0 on reference rows/columns, NaN where
-    the cell is not estimable or seen in fewer than MIN_UNITS_PER_LEVEL configs)."""
+    the cell is not estimable or seen in fewer than MIN_CELL configs)."""
     gamma = np.full((model.n_levels[j], model.n_levels[k]), np.nan)
     gamma[model.ref[j], :] = 0.0
     gamma[:, model.ref[k]] = 0.0
@@ -296,7 +297,7 @@ def interaction_table(model: lm.LevelModel, j: str, k: str) -> np.ndarray:
     counts = np.zeros_like(gamma)
     both = (model.codes[j] >= 0) & (model.codes[k] >= 0)
     np.add.at(counts, (model.codes[j][both], model.codes[k][both]), 1)
-    gamma[counts < MIN_UNITS_PER_LEVEL] = np.nan
+    gamma[counts < MIN_CELL] = np.nan
     return gamma
 
 
