@@ -110,6 +110,10 @@ class LocalCluster:
         self.auth_mode = auth_mode or os.environ.get("RAY_AUTH_MODE") or "disabled"
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
         self.env.update(RAY_TMPDIR=str(self.root), RAY_AUTH_MODE=self.auth_mode, **(env or {}))
+        from sweeps.local_ray import STARTUP_ENV  # generous start-up timeouts for a busy machine
+
+        for key, value in STARTUP_ENV.items():
+            self.env.setdefault(key, value)
         # `python` in a job's entrypoint is this interpreter (on a cloud node: the venv of gpu.yaml).
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         if token_path:

@@ -69,10 +69,10 @@ def test_builtin_spaces_sample_only_valid_configs():
     configs = full.space_filling(64, seed=0)
     for values in configs:
         cfg = TrialConfig.from_dict({**full.fixed, **values})
-        assert ("beta_a" in values) == (cfg.noise_schedule == "beta")
+        assert ("beta_a" in values) == (cfg.noise_schedule in ("beta", "beta_cdf"))
         assert not (cfg.denoiser == "mlp" and cfg.aggregation in ("cross_attention", "adaln"))
     assert full.space_filling(64, seed=0) == configs  # seeded
-    assert len({v["noise_schedule"] for v in configs}) == 7
+    assert len({v["noise_schedule"] for v in configs}) == 8
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
@@ -81,7 +81,7 @@ def test_builtin_spaces_sample_only_valid_configs():
         TrialConfig.from_dict({**full.fixed, **values})
         # conditional knobs under distinct Optuna names: aggregation_mlp only exists on the MLP branch
         assert ("aggregation_mlp" in trial.params) == (values["denoiser"] == "mlp")
-        assert ("beta_b" in trial.params) == (values["noise_schedule"] == "beta")
+        assert ("beta_b" in trial.params) == (values["noise_schedule"] in ("beta", "beta_cdf"))
         study.tell(trial, 0.0)
     smoke, paper = load_space("smoke"), load_space("paper")
     assert smoke.datasets == ("ml-100k",) and sum(Plan(
@@ -119,7 +119,7 @@ def test_dry_run_prints_counts_per_phase(tmp_path, capsys):
     assert code == 0
     # per dataset: 32 paired x 3 seeds + 5 TPE + 3 confirmed x 3 seeds + 2 baselines = 112
     assert "ml-100k" in out and "baby" in out and "total trials: 224" in out
-    assert "CPU-hours" in out and not any(tmp_path.iterdir())
+    assert "CPU-core-hours" in out and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv, match", [
