@@ -66,9 +66,6 @@ def check_packable(cfgs: Sequence[TrialConfig]) -> None:
     for cfg in cfgs:
         if cfg.model != "adrec":
             raise ValueError(f"model={cfg.model!r} cannot be packed; packs train ADRec (use fit for baselines)")
-        if cfg.pcgrad:
-            raise ValueError("pcgrad=True cannot be packed yet (per-member gradient projection is not written); "
-                             "run it with fit")
     for name in PACK_FIELDS:
         values = sorted({repr(getattr(c, name)) for c in cfgs})
         if len(values) > 1:
@@ -456,15 +453,17 @@ class Pack:
             cfg, packed = member.cfg, train_rows(member.cfg, *batch)
             n_positions, n_sequences = int((packed.tgt > 0).sum()), packed.n_sequences
             counts[-1] = n_sequences
+            max_tokens = cfg.max_tokens_per_step if not cfg.pcgrad else 2**62  # as train_epoch
             parts.append([Part(p, int((p.tgt > 0).sum()) / n_positions, p.n_sequences / n_sequences)
-                          for p in packed.split(cfg.max_tokens_per_step)])
+                          for p in packed.split(max_tokens)])
         for p in self.params:
             p.grad = None
+        self.projected: dict[int, dict[int, torch.Tensor]] = {}
         batch_loss: list[float | None] = [0.0 if p else None for p in parts]
         for j in range(max(map(len, parts))):
             current = [p[j] if j < len(p) and not member.diverged else None
                        for p, member in zip(parts, self.members)]
-            total = None
+            total, tasks = None, {}
             for m, (member, part, losses) in enumerate(zip(self.members, current, self._losses(current, where))):
                 if losses is None:
                     continue
@@ -473,11 +472,16 @@ class Pack:
                 if not torch.isfinite(loss):
                     member.diverged = f"training loss became {loss.item():.4g} at epoch {where}"
                     continue
+                batch_loss[m] += loss.item()
+                if member.cfg.pcgrad:
+                    tasks[m] = (ce, member.cfg.mse_weight * mse)
+                    continue
                 combined = (ce + member.cfg.mse_weight * mse) / (2 if member.cfg.loss_combination == "mean" else 1)
                 total = combined if total is None else total + combined
-                batch_loss[m] += loss.item()
             if total is not None:
-                total.backward()
+                total.backward(retain_graph=bool(tasks))
+            if tasks:
+                self._pcgrad(tasks, where)
         for m, member in enumerate(self.members):
             if batch_loss[m] is None or member.diverged:
                 continue
@@ -488,10 +492,39 @@ class Pack:
         return [None if loss is None or member.diverged else (loss, n)
                 for loss, n, member in zip(batch_loss, counts, self.members)]
 
+    def _pcgrad(self, tasks: dict[int, tuple[torch.Tensor, torch.Tensor]], epoch: int) -> None:
+        """train.pcgrad_backward for each member in `tasks` (m -> (CE, w * MSE) of its whole
+        batch): the two task gradients of its own parameters (all but the frozen table in the
+        warm-up), each projected off the other where they conflict in the order of a randperm
+        from its stream, then summed or averaged; kept in self.projected[m] per parameter."""
+        per_task = [torch.autograd.grad(sum(t[i] for t in tasks.values()), self.params,
+                                        retain_graph=i == 0, allow_unused=True) for i in range(2)]
+        for m, member in ((m, self.members[m]) for m in tasks):
+            used = [i for i in range(len(self.params)) if not (i == self.emb_index and member.warm_up(epoch))]
+            grads = [torch.cat([(g[i][m] if g[i] is not None else torch.zeros_like(self.params[i].data[m])).flatten()
+                                for i in used]) for g in per_task]
+            projected = []
+            with member.rng.active():
+                for i, g in enumerate(grads):
+                    g = g.clone()
+                    for j in torch.randperm(len(grads)).tolist():
+                        dot = torch.dot(g, grads[j])
+                        if j != i and dot < 0:
+                            g -= dot / grads[j].pow(2).sum().clamp(min=1e-12) * grads[j]
+                    projected.append(g)
+            total = torch.stack(projected).mean(0) if member.cfg.loss_combination == "mean" \
+                else torch.stack(projected).sum(0)
+            self.projected[m] = dict(zip(used, total.split([self.params[i].data[m].numel() for i in used])))
+
     def _grads(self, m: int, member: Member, epoch: int) -> list[torch.Tensor | None]:
         """Member m's gradient of each parameter, None where its solo run has none (the frozen
         table in the warm-up); with warmup_embedding='decayed' those get a zero one, as
         train.optimizer_step does, so Adam's weight decay still moves them."""
+        if member.cfg.pcgrad:
+            projected = self.projected.pop(m)
+            return [projected[i].view_as(p.data[m]) if i in projected
+                    else (torch.zeros_like(p.data[m]) if member.cfg.warmup_embedding == "decayed" else None)
+                    for i, p in enumerate(self.params)]
         grads: list[torch.Tensor | None] = []
         for i, p in enumerate(self.params):
             g = None if p.grad is None or (i == self.emb_index and member.warm_up(epoch)) else p.grad[m]
