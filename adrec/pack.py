@@ -7,9 +7,9 @@ with parameters know the member axis (a Linear is one batched matmul over the K 
 an Embedding looks up in the K tables). Each member keeps everything else of its own: its batches
 (own seed, own shuffle, own batch size and micro-batches, padded to the pack's common shape), its
 random draws (dropout masks, timesteps and noise drawn from its own generator in the order and
-shapes of its solo run), its noise schedule, λ, MSE weight and loss combination, its Adam state,
-learning rate, cosine schedule and weight decay, its warm-up length, evaluation interval, patience
-and model selection. That is what makes a member equal its solo run (`adrec.train.fit`, same
+shapes of its solo run), its noise schedule, λ, MSE weight, loss combination and PCGrad (its own
+gradients projected in its own randperm order), its Adam state, learning rate, cosine schedule and
+weight decay, its warm-up length, evaluation interval, patience and model selection. That is what makes a member equal its solo run (`adrec.train.fit`, same
 seed): the same draws meet the same numbers, up to float rounding of batched vs single matmuls.
 
 A member that stops (patience, epoch budget, divergence) leaves the pack: every stacked tensor
@@ -28,7 +28,6 @@ import contextlib
 import copy
 import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from adrec.batches import Packed
 from adrec.config import TrialConfig
 from adrec.data import load_dataset
 from adrec.losses import linear_cross_entropy
-from adrec.model import ADRec, Attention, Dropout, keep_scale, segments, sequence_mean, sinusoid
+from adrec.model import ADRec, Attention, keep_scale, segments, sequence_mean, sinusoid
 from adrec.schedule import NoiseSchedule
 from adrec.train import (DIVERGED_LOSS, Diverged, LoopState, Reporter, Splits, _fmt, _report_metrics, cached_stage1,
                          environment, evaluate, flush_denormals, improved, resolve_device, seed_everything,
