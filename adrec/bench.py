@@ -142,7 +142,7 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
     splits = Splits.build(data, cfg.max_len)
     cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
     env = environment(device)
-    pack = Pack([_start_member(i, c, None, data, splits, device, env, None) for i, c in enumerate(cfgs)],
+    pack = Pack([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)],
                 splits, device)
     solos = []
     for c in cfgs:

@@ -9,25 +9,31 @@ an Embedding looks up in the K tables). Each member keeps everything else of its
 random draws (dropout masks, timesteps and noise drawn from its own generator in the order and
 shapes of its solo run), its noise schedule, λ, MSE weight, loss combination and PCGrad (its own
 gradients projected in its own randperm order), its Adam state, learning rate, cosine schedule and
-weight decay, its warm-up length, evaluation interval, patience and model selection. That is what makes a member equal its solo run (`adrec.train.fit`, same
-seed): the same draws meet the same numbers, up to float rounding of batched vs single matmuls.
+weight decay, its warm-up length, evaluation interval, patience and model selection. That is what
+makes a member equal its solo run (`adrec.train.fit`, same seed): the same draws meet the same
+numbers, up to float rounding of batched vs single matmuls.
 
 A member that stops (patience, epoch budget, divergence) leaves the pack: every stacked tensor
 is compacted to the members still training, and the pack ends when all have left.
 
 Which configs may share a pack: `PACK_FIELDS` must be equal (the architecture, the data, the
-padding mode that shapes the batches). Stage 1 (the SASRec pre-training of the item embeddings)
-runs per member before the pack, through the stage-1 cache as in `fit` (its key ignores the
-stage-2/3 knobs, so packed members of one seed share it); the pack covers stages 2 and 3, whose
-boundary each member crosses at its own epoch. Validation and test scoring run per member on a
-solo copy of the member's parameters with its own random stream, so they are the solo code path.
+padding mode that shapes the batches). Stages: `fit_pack` first runs stage 1 (the SASRec
+pre-training of the item embeddings) of every member that needs it as one pack of SASRec members,
+each to its own early stop, through the stage-1 cache as `fit` does (its key ignores the
+stage-2/3 knobs, so with a cache members of one seed train it once); then stages 2 and 3 as one
+pack of ADRec members, each crossing the warm-up boundary at its own epoch. Grouping by stage
+keeps one network per pack; stage 1 is short against stages 2-3 and cached across trials.
+Validation and test scoring run per member on a solo copy of the member's parameters with its
+own random stream, so they are the solo code path.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +48,11 @@ from adrec.batches import Packed
 from adrec.config import TrialConfig
 from adrec.data import load_dataset
 from adrec.losses import linear_cross_entropy
-from adrec.model import ADRec, Attention, keep_scale, segments, sequence_mean, sinusoid
+from adrec.model import ADRec, Attention, SASRec, keep_scale, segments, sequence_mean, sinusoid
 from adrec.schedule import NoiseSchedule
-from adrec.train import (DIVERGED_LOSS, Diverged, LoopState, Reporter, Splits, _fmt, _report_metrics, cached_stage1,
-                         environment, evaluate, flush_denormals, improved, resolve_device, seed_everything,
-                         train_rows, use_tf32)
+from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
+                         flush_denormals, improved, resolve_device, seed_everything, stage1_key, train_rows,
+                         use_tf32)
 
 log = logging.getLogger("adrec.pack")
 
@@ -192,8 +198,8 @@ class PackedDropout(nn.Module):
         return x * scales.view(x.shape)
 
 
-def stack_models(models: Sequence[ADRec], layout: Layout) -> ADRec:
-    """One ADRec whose layers hold the K models' parameters stacked along a leading member axis."""
+def stack_models(models: Sequence[nn.Module], layout: Layout) -> nn.Module:
+    """One ADRec (or SASRec) whose layers hold the K models' parameters stacked along a leading member axis."""
     stacked = copy.deepcopy(models[0])
     replace: list[tuple[str, nn.Module]] = []
     for name, module in stacked.named_modules():
@@ -288,7 +294,7 @@ class Member:
 
     index: int  # position in the caller's list of configs
     cfg: TrialConfig
-    solo: ADRec
+    solo: nn.Module  # ADRec, or SASRec in a stage-1 pack
     rng: MemberRNG
     result: dict[str, Any]
     stage1: dict[str, Any]
@@ -299,17 +305,20 @@ class Member:
     best_state_dict: dict[str, torch.Tensor] | None = None
     sched: Any = None  # ScheduleTensors
     diverged: str | None = None
+    pretraining: bool = False  # stage 1: the member is the config's SASRec pre-training run
+    embedding: torch.Tensor | None = None  # stage 1's result: the best model's item embeddings
 
     @property
     def max_epochs(self) -> int:
-        return sum(self.cfg.stage_epochs()[1:])
+        s1, s2, s3 = self.cfg.stage_epochs()
+        return s1 if self.pretraining else s2 + s3
 
     def stage_of_epoch(self, epoch: int) -> int:
-        return 2 if epoch <= self.cfg.stage_epochs()[1] else 3
+        return 1 if self.pretraining else 2 if epoch <= self.cfg.stage_epochs()[1] else 3
 
     def warm_up(self, epoch: int) -> bool:
         """The item embeddings get no gradient at this epoch (stage 2)."""
-        return epoch <= self.cfg.stage_epochs()[1]
+        return not self.pretraining and epoch <= self.cfg.stage_epochs()[1]
 
 
 @dataclass
@@ -331,6 +340,7 @@ class Pack:
         self.params = list(self.model.parameters())
         self.optimizer = MemberAdam(self.params, len(members))
         self.emb_index = next(i for i, p in enumerate(self.params) if p is self.model.item_emb.weight)
+        self.pretraining = members[0].pretraining
         for m in members:
             m.lr = next(m.lrs)
         self.started = time.perf_counter()
@@ -403,10 +413,14 @@ class Pack:
         ctx.cond, ctx.memory = cond, c
         return adm.net(z, ctx)[0]
 
-    def _losses(self, parts: list[Part | None], epoch: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """ADRec.forward_train on every member's part at once; (CE, MSE) per member (None: no part)."""
+    def _losses(self, parts: list[Part | None], epoch: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """ADRec.forward_train (or SASRec.loss in stage 1) on every member's part at once; (CE, MSE)
+        per member (MSE None in stage 1; None: no part)."""
         model, k = self.model, len(self.members)
         seq, tgt, segment = self._lay_out(parts)
+        if self.pretraining:
+            return self._pretraining_losses(seq, tgt, segment)
         valid = tgt > 0
         segment = segments(tgt, segment)
         c, ctx = model.encode(seq, segment)
@@ -435,6 +449,21 @@ class Pack:
                 weight = weight.detach()  # as the solo run's frozen table: no gradient computed
             v = valid[corner]
             out.append((linear_cross_entropy(x0_hat[corner][v], weight, tgt[corner][v]), mse))
+        return out
+
+    def _pretraining_losses(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor
+                            ) -> list[tuple[torch.Tensor, None] | None]:
+        k = len(self.members)
+        h = self.model.encode(seq, segment)
+        shape = (k, seq.shape[0] // k, seq.shape[1])
+        h, valid, tgt = h.view(*shape, -1), (tgt > 0).view(shape), tgt.view(shape)
+        out: list[tuple[torch.Tensor, None] | None] = []
+        for m in range(k):
+            rows, width = self.layout.rows[m], self.layout.width[m]
+            corner = (m, slice(rows), slice(width))
+            v = valid[corner]
+            out.append(None if rows == 0 else
+                       (linear_cross_entropy(h[corner][v], self.model.item_emb.weight[m], tgt[corner][v]), None))
         return out
 
     # --- one optimiser step per member ----------------------------------------------------------
@@ -466,12 +495,16 @@ class Pack:
             for m, (member, part, losses) in enumerate(zip(self.members, current, self._losses(current, where))):
                 if losses is None:
                     continue
-                ce, mse = losses[0] * part.ce_share, losses[1] * part.mse_share
-                loss = ce + member.cfg.mse_weight * mse
+                ce = losses[0] * part.ce_share
+                mse = losses[1] * part.mse_share if losses[1] is not None else None
+                loss = ce if mse is None else ce + member.cfg.mse_weight * mse
                 if not torch.isfinite(loss):
                     member.diverged = f"training loss became {loss.item():.4g} at epoch {where}"
                     continue
                 batch_loss[m] += loss.item()
+                if mse is None:  # stage 1: CE alone (PCGrad has nothing to project)
+                    total = ce if total is None else total + ce
+                    continue
                 if member.cfg.pcgrad:
                     tasks[m] = (ce, member.cfg.mse_weight * mse)
                     continue
@@ -519,7 +552,7 @@ class Pack:
         """Member m's gradient of each parameter, None where its solo run has none (the frozen
         table in the warm-up); with warmup_embedding='decayed' those get a zero one, as
         train.optimizer_step does, so Adam's weight decay still moves them."""
-        if member.cfg.pcgrad:
+        if member.cfg.pcgrad and not self.pretraining:  # stage 1 has one loss: nothing to project
             projected = self.projected.pop(m)
             return [projected[i].view_as(p.data[m]) if i in projected
                     else (torch.zeros_like(p.data[m]) if member.cfg.warmup_embedding == "decayed" else None)
@@ -590,6 +623,12 @@ class Pack:
 
     def _finish(self, member: Member, m: int) -> None:
         result, state = member.result, member.state
+        if self.pretraining:  # train_stage1's summary; a divergence is fit's "stage 1: ..." error
+            member.stage1 = {"epochs": state.epoch, "seconds": state.seconds, "val": state.best_metrics,
+                             "best_epoch": state.best_epoch}
+            if not member.diverged:
+                member.embedding = member.best_state_dict["item_emb.weight"].detach().cpu().clone()
+            return
         s2 = member.cfg.stage_epochs()[1]
         if member.diverged:
             log.warning("pack member %d: %s", member.index, member.diverged)
@@ -641,9 +680,10 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
     data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, cfgs[0].max_users)
     splits = Splits.build(data, cfgs[0].max_len)
     env = environment(device, code_version)
+    pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None)
     members, results = [], []
     for i, (cfg, report) in enumerate(zip(cfgs, reports)):
-        member = _start_member(i, cfg, report, data, splits, device, env, stage1_cache)
+        member = _start_member(i, cfg, report, splits, device, env, pretrained.get(i))
         results.append(member.result)
         if member.result["status"] == "completed":
             members.append(member)
@@ -652,29 +692,93 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
     return results
 
 
-def _start_member(index: int, cfg: TrialConfig, report: Reporter | None, data, splits: Splits,
-                  device: torch.device, env: dict[str, str], cache: str | Path | None) -> Member:
-    """What `fit` does before its stage-2/3 loop: init, stage 1 (cached), the seed for stage 2."""
+Stage1 = tuple[torch.Tensor, dict[str, Any]]  # (item embeddings, summary), as cached_stage1 returns them
+
+
+def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.device, cache: Path | None
+              ) -> dict[int, Stage1 | str]:
+    """Stage 1 of every config that has one: read from the cache where it is there, else trained
+    in one stage-1 pack (SASRec members; with a cache, one member per stage-1 key, the others read
+    its result as a later fit would read the cache) and written to the cache. Config index ->
+    (embedding, summary), or the error of a diverged stage 1."""
+    out: dict[int, Stage1 | str] = {}
+    trainers: dict[str, int] = {}  # stage-1 key -> the config that trains it
+    for i, cfg in enumerate(cfgs):
+        if cfg.stage_epochs()[0] == 0:
+            continue
+        key = stage1_key(cfg, data) if cache is not None else str(i)
+        path = cache / f"{key}.pt" if cache is not None else None
+        if path is not None and path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            out[i] = saved["embedding"], {**saved["summary"], "cached": True, "seconds": 0.0}
+        elif key not in trainers:
+            trainers[key] = i
+    if not trainers:
+        return _share(cfgs, data, cache, out)
+    members = []
+    for i in trainers.values():
+        cfg = cfgs[i]
+        seed_everything(cfg.seed)  # as train_stage1
+        model = SASRec(cfg, splits.num_items).to(device)
+        members.append(Member(index=i, cfg=cfg, solo=model, rng=MemberRNG(torch.get_rng_state()), result={},
+                              stage1={}, report=None, lrs=cosine_lrs(cfg), pretraining=True))
+    Pack(list(members), splits, device).run()
+    for member in members:
+        if member.diverged:
+            out[member.index] = member.diverged
+            continue
+        out[member.index] = member.embedding, member.stage1
+        if cache is not None:
+            _write_stage1(cache, stage1_key(member.cfg, data), member)
+    return _share(cfgs, data, cache, out)
+
+
+def _share(cfgs: list[TrialConfig], data, cache: Path | None, out: dict[int, Stage1 | str]
+           ) -> dict[int, Stage1 | str]:
+    """Give configs that share a trainer's stage-1 key its result, marked as read from the cache."""
+    if cache is None:
+        return out
+    by_key = {stage1_key(cfgs[i], data): v for i, v in out.items()}
+    for i, cfg in enumerate(cfgs):
+        if i not in out and cfg.stage_epochs()[0] > 0:
+            done = by_key[stage1_key(cfg, data)]
+            out[i] = done if isinstance(done, str) else (done[0], {**done[1], "cached": True, "seconds": 0.0})
+    return out
+
+
+def _write_stage1(cache: Path, key: str, member: Member) -> None:
+    """The cache file cached_stage1 writes (under its lock, atomically)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = cache / f"{key}.pt"
+        if path.exists():  # another process trained the same key meanwhile: keep its file
+            return
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"embedding": member.embedding, "summary": member.stage1, "config": member.cfg.to_dict()}, tmp)
+        os.replace(tmp, path)
+
+
+def _start_member(index: int, cfg: TrialConfig, report: Reporter | None, splits: Splits, device: torch.device,
+                  env: dict[str, str], stage1: Stage1 | str | None) -> Member:
+    """What `fit` does before its stage-2/3 loop: init, stage 1's embedding, the seed for stage 2."""
     result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
                               "epochs": {"stage1": 0, "stage2": 0, "stage3": 0},
                               "seconds": {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0}, "env": dict(env)}
-    s1 = cfg.stage_epochs()[0]
     seed_everything(cfg.seed)
     solo = ADRec(cfg, splits.num_items).to(device)
-    stage1: dict[str, Any] = {"epochs": 0, "seconds": 0.0, "val": {}}
-    if s1 > 0:
-        try:
-            embedding, stage1 = cached_stage1(cfg, data, splits, device, s1, Path(cache) if cache else None, False)
-        except Diverged as exc:  # the member never joins the pack; its record is fit's
-            result.update(status="diverged", error=f"stage 1: {exc}", val=None, test=None, best_epoch=0)
-        else:
-            with torch.no_grad():
-                solo.item_emb.weight.copy_(embedding.to(device))
-            result["epochs"]["stage1"], result["seconds"]["stage1"] = stage1["epochs"], stage1["seconds"]
-            seed_everything(cfg.seed + 1)
+    summary: dict[str, Any] = {"epochs": 0, "seconds": 0.0, "val": {}}
+    if isinstance(stage1, str):  # the member never joins the pack; its record is fit's
+        result.update(status="diverged", error=f"stage 1: {stage1}", val=None, test=None, best_epoch=0)
+    elif stage1 is not None:
+        embedding, summary = stage1
+        with torch.no_grad():
+            solo.item_emb.weight.copy_(embedding.to(device))
+        result["epochs"]["stage1"], result["seconds"]["stage1"] = summary["epochs"], summary["seconds"]
+        seed_everything(cfg.seed + 1)
     if result["status"] == "completed":
-        result["stage1_val"] = stage1.get("val", {})
-        result["stage1_cached"] = bool(stage1.get("cached", False))
+        result["stage1_val"] = summary.get("val", {})
+        result["stage1_cached"] = bool(summary.get("cached", False))
     schedule = NoiseSchedule.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
     return Member(index=index, cfg=cfg, solo=solo, rng=MemberRNG(torch.get_rng_state()), result=result,
-                  stage1=stage1, report=report, lrs=cosine_lrs(cfg), sched=schedule.tensors(device))
+                  stage1=summary, report=report, lrs=cosine_lrs(cfg), sched=schedule.tensors(device))

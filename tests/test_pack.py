@@ -180,3 +180,22 @@ def test_pack_bench_times_the_pack_and_the_runs_in_sequence(small_file: Path) ->
         assert figures[key] > 0
     assert _evaluations_per_trial(8, 3) == 4  # after epochs 3, 6 and 8, and the test pass
     assert _evaluations_per_trial(10, 5) == 3
+
+
+def test_stage1_runs_as_a_pack_of_sasrec_members_each_to_its_own_early_stop(small_file: Path) -> None:
+    """Stage 1 of three members (patience 1 on one, a longer budget on another) packed: the same
+    stage-1 epochs, validation metrics and the same trial afterwards as their solo runs."""
+    cfgs = [tiny(small_file, stage1_epochs=3, stage2_epochs=1, stage3_epochs=1),
+            tiny(small_file, stage1_epochs=8, stage2_epochs=1, stage3_epochs=1, seed=3, lr=3e-3, patience=1,
+                 selection="metric", dropout=0.0),
+            tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1, seed=4, weight_decay=1e-3)]
+    packed = fit_pack(cfgs)
+    stage1_epochs = []
+    for cfg, result in zip(cfgs, packed):
+        solo = fit(cfg)
+        assert result["epochs"] == solo["epochs"]
+        assert result["stage1_val"] == pytest.approx(solo["stage1_val"], abs=TOL)
+        assert result["val"] == pytest.approx(solo["val"], abs=TOL)
+        assert result["test"] == pytest.approx(solo["test"], abs=TOL)
+        stage1_epochs.append(result["epochs"]["stage1"])
+    assert stage1_epochs[0] == 3 and stage1_epochs[2] == 2 and len(set(stage1_epochs)) == 3
