@@ -15,7 +15,7 @@ from adrec.config import KNOBS, METRICS, Knob, TrialConfig, parse_assignment
 # `train --quick` and every trial of the smoke sweep (sweeps/spaces.py): a minute or two on a CPU core
 # instead of hours. Batches of 64 users instead of the authors' 512 give 15 optimiser steps per ml-100k
 # epoch instead of 2: measured on ml-100k, stage 1 reaches val NDCG@20 0.055 in 10 epochs (0.031, the
-# most-popular level, with 512), and 4 joint epochs after it ~0.07 (the authors' full run: ~0.09), at
+# most-popular level, with 512), and 5 ADRec epochs after it 0.06-0.07 (the full run: ~0.09), at
 # about twice the seconds per epoch. One validation pass at the end of each stage.
 QUICK: dict[str, Any] = {"stage1_epochs": 10, "stage2_epochs": 1, "stage3_epochs": 4, "eval_every": 5,
                          "batch_size": 64}
