@@ -126,6 +126,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.weight.shape[0]
+        if k == 1:  # a pack of one computes as the solo layer, to the bit
+            return F.linear(x, self.weight[0], self.bias[0])
         y = torch.baddbmm(self.bias.unsqueeze(1), _by_member(x, k), self.weight.transpose(1, 2))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -139,6 +141,8 @@ class PackedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.weight.shape[0]
+        if k == 1:
+            return F.layer_norm(x, self.shape, self.weight[0], self.bias[0], self.eps)
         y = _by_member(F.layer_norm(x, self.shape, None, None, self.eps), k)
         return (y * self.weight.unsqueeze(1) + self.bias.unsqueeze(1)).reshape(x.shape)
 
@@ -154,6 +158,8 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         k, n, d = self.weight.shape
+        if k == 1:
+            return F.embedding(idx, self.weight[0], self.padding_idx)
         flat = idx.reshape(k, -1)
         out = F.embedding(flat + torch.arange(k, device=idx.device).unsqueeze(1) * n, self.weight.reshape(k * n, d))
         if self.padding_idx is not None:

@@ -199,3 +199,18 @@ def test_stage1_runs_as_a_pack_of_sasrec_members_each_to_its_own_early_stop(smal
         assert result["test"] == pytest.approx(solo["test"], abs=TOL)
         stage1_epochs.append(result["epochs"]["stage1"])
     assert stage1_epochs[0] == 3 and stage1_epochs[2] == 2 and len(set(stage1_epochs)) == 3
+
+
+@pytest.mark.parametrize("variant, name", [(0, "B"), (3, "C"), (4, "F"), (6, "B")],
+                         ids=lambda v: str(v) if isinstance(v, str) else VARIANT_IDS[v].rsplit("-", 1)[0])
+def test_a_pack_of_one_is_fit_to_the_bit(small_file: Path, variant: int, name: str) -> None:
+    """With one member every stacked layer computes as the solo layer, so the whole run, stage 1,
+    warm-up, PCGrad and early stopping included, is bitwise fit's: what is left between a packed
+    member and its solo run is the rounding of batched against single matmuls."""
+    cfg = tiny(small_file, **{**MEMBERS[name], **VARIANTS[variant][0]})
+    packed_rec, solo_rec = Recorder(), Recorder()
+    packed, solo = fit_pack([cfg], [packed_rec])[0], fit(cfg, report=solo_rec)
+    assert [{**p, "seconds": 0} for p in packed_rec.payloads] == [{**p, "seconds": 0} for p in solo_rec.payloads]
+    assert (packed["val"], packed["test"], packed["epochs"], packed["best_epoch"]) == \
+        (solo["val"], solo["test"], solo["epochs"], solo["best_epoch"])
+    assert packed["stage1_val"] == solo["stage1_val"]
