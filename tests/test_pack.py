@@ -183,16 +183,22 @@ def test_pack_bench_times_the_pack_and_the_runs_in_sequence(small_file: Path) ->
 
 
 def test_stage1_runs_as_a_pack_of_sasrec_members_each_to_its_own_early_stop(small_file: Path) -> None:
-    """Stage 1 of three members (patience 1 on one, a longer budget on another) packed: the same
-    stage-1 epochs, validation metrics and the same trial afterwards as their solo runs."""
+    """Stage 1 of four members (patience 1 on one, a longer budget on another, one diverging)
+    packed: the same stage-1 epochs, validation metrics and the same trial afterwards (or the same
+    stage-1 divergence) as their solo runs."""
     cfgs = [tiny(small_file, stage1_epochs=3, stage2_epochs=1, stage3_epochs=1),
             tiny(small_file, stage1_epochs=8, stage2_epochs=1, stage3_epochs=1, seed=3, lr=3e-3, patience=1,
                  selection="metric", dropout=0.0),
-            tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1, seed=4, weight_decay=1e-3)]
+            tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1, seed=4, weight_decay=1e-3),
+            tiny(small_file, stage1_epochs=3, lr=1e4, batch_size=512)]  # blows up in stage 1
     packed = fit_pack(cfgs)
     stage1_epochs = []
     for cfg, result in zip(cfgs, packed):
         solo = fit(cfg)
+        assert (result["status"], result["error"]) == (solo["status"], solo["error"])
+        if solo["status"] == "diverged":
+            assert result["error"].startswith("stage 1: training loss became") and result["val"] is None
+            continue
         assert result["epochs"] == solo["epochs"]
         assert result["stage1_val"] == pytest.approx(solo["stage1_val"], abs=TOL)
         assert result["val"] == pytest.approx(solo["val"], abs=TOL)
