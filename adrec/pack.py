@@ -182,10 +182,12 @@ class PackedDropout(nn.Module):
         if not self.training:
             return x
         k = len(self.ps)
-        scales = torch.ones((k, x.shape[0] // k, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        full = (k, x.shape[0] // k, *x.shape[1:])
+        masks, corners = [], []
         for m, p in enumerate(self.ps):
             rows, width = self.layout.rows[m], self.layout.width[m]
             if rows == 0:
+                masks.append(None)
                 continue
             if x.dim() == 3:
                 shape, corner = (rows, width, x.shape[2]), (m, slice(rows), slice(width))
@@ -196,11 +198,16 @@ class PackedDropout(nn.Module):
                 raise ValueError(f"PackedDropout expects 3-d or 4-d activations; got shape {tuple(x.shape)}")
             with self.layout.rngs[m].active():
                 if p == 0 or x.device.type != "cpu":
-                    mask = F.dropout(torch.ones(shape, dtype=x.dtype), p, True)
+                    mask = F.dropout(torch.ones(shape, dtype=x.dtype), p, True)  # all ones at p = 0
                 else:
                     mask = keep_scale(torch.Size(shape), p)
-            if p > 0:
-                scales[corner] = mask.to(x.device)
+            masks.append(mask.to(x.device))
+            corners.append(corner)
+        if all(mask is not None and mask.shape == full[1:] for mask in masks):
+            return x * torch.stack(masks).view(x.shape)  # no padding: no ones to fill in
+        scales = torch.ones(full, dtype=x.dtype, device=x.device)
+        for mask, corner in zip((mask for mask in masks if mask is not None), corners):
+            scales[corner] = mask
         return x * scales.view(x.shape)
 
 
