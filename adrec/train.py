@@ -311,14 +311,15 @@ class Loop:
             if epoch % self.cfg.eval_every == 0 or epoch == self.max_epochs:
                 metrics = evaluate(self.model, self.splits.val, self.cfg.eval_batch_size, self.device,
                                    self.cfg.padding_mask == "query")
-                if improved(self.cfg, self.state, metrics):
+                better = improved(self.cfg, self.state, metrics)
+                # Under any_metric a run whose metrics stay at 0 never "improves"; it still keeps its
+                # first evaluated model (and its metrics) rather than ending with none.
+                if better or self.best_state_dict is None:
                     self.state.best_value = metrics[self.cfg.select_metric]
                     self.state.best_metrics = metrics
                     self.state.best_epoch = epoch
-                    self.state.bad_evals = 0
                     self.best_state_dict = copy.deepcopy(self.model.state_dict())
-                else:
-                    self.state.bad_evals += 1
+                self.state.bad_evals = 0 if better else self.state.bad_evals + 1
                 self.state.seconds = time.perf_counter() - started
                 on_eval(self, metrics)
                 if self.state.bad_evals >= self.cfg.patience:

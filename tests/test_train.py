@@ -145,6 +145,18 @@ def test_any_metric_selection_is_the_authors_strict_rounded_comparison() -> None
     assert not improved(one, state, {**first, "HR@5": 0.9}) and improved(one, state, {**first, "NDCG@20": 0.08})
 
 
+def test_a_run_whose_metrics_stay_zero_keeps_its_first_model(small_file: Path, monkeypatch) -> None:
+    """Under any_metric nothing beats bests that start at 0; the run still ends with a model and metrics."""
+    import adrec.train as train
+
+    zeros = {m: 0.0 for m in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20")}
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: dict(zeros))
+    result = fit(tiny(small_file, stage1_epochs=0, stage_plan="no_pretrain", stage3_epochs=4, patience=2))
+    assert result["status"] == "completed"
+    assert result["val"] == zeros and result["test"] == zeros
+    assert result["best_epoch"] == 1 and result["epochs"]["stage3"] == 2  # patience still counts
+
+
 # --- stages 2 and 3 -----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["frozen", "decayed"])
 def test_warmup_embedding_frozen_or_decayed_and_stage3_moves_it(small_file: Path, tmp_path: Path, mode: str) -> None:
