@@ -240,14 +240,10 @@ class SweepStore:
 
 
 def _write_local(path: Path, data: bytes) -> None:
+    from adrec.record import write_atomic  # lazily: `run.py --help` imports this module, not pandas
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # --- local experiments: every file Ray writes appears whole or not at all ------------------------
