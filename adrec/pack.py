@@ -51,7 +51,7 @@ from adrec.losses import linear_cross_entropy
 from adrec.model import ADRec, Attention, SASRec, keep_scale, segments, sequence_mean, sinusoid
 from adrec.schedule import NoiseSchedule
 from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
-                         flush_denormals, improved, resolve_device, seed_everything, stage1_key, train_rows,
+                         flush_denormals, resolve_device, seed_everything, select, stage1_key, train_rows,
                          use_tf32)
 
 log = logging.getLogger("adrec.pack")
@@ -610,12 +610,8 @@ class Pack:
         if epoch % member.cfg.eval_every and epoch != member.max_epochs:
             return False
         metrics = self._evaluate(member, m, self.splits.val)
-        if improved(member.cfg, state, metrics):
-            state.best_value = metrics[member.cfg.select_metric]
-            state.best_metrics, state.best_epoch, state.bad_evals = metrics, epoch, 0
+        if select(member.cfg, state, metrics, epoch, member.best_state_dict is not None):
             member.best_state_dict = {k: v.clone() for k, v in member_state(self.model, m).items()}
-        else:
-            state.bad_evals += 1
         stage = member.stage_of_epoch(epoch)
         log.info("pack member %d epoch %d (stage %d) loss %.4f val %s", member.index, epoch, stage,
                  state.last_loss, _fmt(metrics))

@@ -179,6 +179,21 @@ def improved(cfg: TrialConfig, state: LoopState, metrics: dict[str, float]) -> b
     return metrics[cfg.select_metric] > state.best_value
 
 
+def select(cfg: TrialConfig, state: LoopState, metrics: dict[str, float], epoch: int, have_model: bool) -> bool:
+    """Record one evaluation in `state` (best metrics, patience); True when this model is now the kept one.
+
+    Under any_metric a run whose metrics stay at 0 never "improves"; it still keeps its first
+    evaluated model (and its metrics) rather than ending with none, while patience counts as usual.
+    """
+    better = improved(cfg, state, metrics)
+    keep = better or not have_model
+    if keep:
+        state.best_value = metrics[cfg.select_metric]
+        state.best_metrics, state.best_epoch = metrics, epoch
+    state.bad_evals = 0 if better else state.bad_evals + 1
+    return keep
+
+
 def make_optimizer(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cosine_t_max)
@@ -311,15 +326,8 @@ class Loop:
             if epoch % self.cfg.eval_every == 0 or epoch == self.max_epochs:
                 metrics = evaluate(self.model, self.splits.val, self.cfg.eval_batch_size, self.device,
                                    self.cfg.padding_mask == "query")
-                better = improved(self.cfg, self.state, metrics)
-                # Under any_metric a run whose metrics stay at 0 never "improves"; it still keeps its
-                # first evaluated model (and its metrics) rather than ending with none.
-                if better or self.best_state_dict is None:
-                    self.state.best_value = metrics[self.cfg.select_metric]
-                    self.state.best_metrics = metrics
-                    self.state.best_epoch = epoch
+                if select(self.cfg, self.state, metrics, epoch, self.best_state_dict is not None):
                     self.best_state_dict = copy.deepcopy(self.model.state_dict())
-                self.state.bad_evals = 0 if better else self.state.bad_evals + 1
                 self.state.seconds = time.perf_counter() - started
                 on_eval(self, metrics)
                 if self.state.bad_evals >= self.cfg.patience:
