@@ -51,8 +51,8 @@ from adrec.losses import linear_cross_entropy
 from adrec.model import ADRec, Attention, SASRec, keep_scale, segments, sequence_mean, sinusoid
 from adrec.schedule import NoiseSchedule
 from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
-                         flush_denormals, resolve_device, seed_everything, select, stage1_key, train_rows,
-                         use_tf32)
+                         flush_denormals, project_conflicts, resolve_device, seed_everything, select, stage1_key,
+                         train_rows, use_tf32)
 
 log = logging.getLogger("adrec.pack")
 
@@ -548,17 +548,8 @@ class Pack:
             used = [i for i in range(len(self.params)) if not (i == self.emb_index and member.warm_up(epoch))]
             grads = [torch.cat([(g[i][m] if g[i] is not None else torch.zeros_like(self.params[i].data[m])).flatten()
                                 for i in used]) for g in per_task]
-            projected = []
             with member.rng.active():
-                for i, g in enumerate(grads):
-                    g = g.clone()
-                    for j in torch.randperm(len(grads)).tolist():
-                        dot = torch.dot(g, grads[j])
-                        if j != i and dot < 0:
-                            g -= dot / grads[j].pow(2).sum().clamp(min=1e-12) * grads[j]
-                    projected.append(g)
-            total = torch.stack(projected).mean(0) if member.cfg.loss_combination == "mean" \
-                else torch.stack(projected).sum(0)
+                total = project_conflicts(grads, member.cfg.loss_combination == "mean")
             self.projected[m] = dict(zip(used, total.split([self.params[i].data[m].numel() for i in used])))
 
     def _grads(self, m: int, member: Member, epoch: int) -> list[torch.Tensor | None]:

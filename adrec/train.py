@@ -200,14 +200,9 @@ def make_optimizer(cfg: TrialConfig, model: nn.Module) -> tuple[torch.optim.Opti
     return optimizer, scheduler
 
 
-def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor], mean: bool = False) -> None:
-    """PCGrad (Yu et al. 2020): project each task gradient off the others it conflicts with, then
-    sum them (or average them: `mean`)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = []
-    for i, loss in enumerate(losses):
-        g = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
-        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
+def project_conflicts(grads: list[torch.Tensor], mean: bool) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020): each task's flat gradient loses its component along every other task's
+    gradient it conflicts with (negative dot), visited in random order; then they are averaged or summed."""
     projected = []
     for i, g in enumerate(grads):
         g = g.clone()
@@ -216,7 +211,18 @@ def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor], mean: bool = F
             if j != i and dot < 0:
                 g -= dot / grads[j].pow(2).sum().clamp(min=1e-12) * grads[j]
         projected.append(g)
-    total = torch.stack(projected).mean(0) if mean else torch.stack(projected).sum(0)
+    return torch.stack(projected).mean(0) if mean else torch.stack(projected).sum(0)
+
+
+def pcgrad_backward(model: nn.Module, losses: list[torch.Tensor], mean: bool = False) -> None:
+    """PCGrad (Yu et al. 2020): project each task gradient off the others it conflicts with, then
+    sum them (or average them: `mean`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for i, loss in enumerate(losses):
+        g = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1, allow_unused=True)
+        grads.append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]))
+    total = project_conflicts(grads, mean)
     offset = 0
     for p in params:
         n = p.numel()
