@@ -261,7 +261,8 @@ class Driver:
                     # num_to_keep=1 also makes Ray sync the experiment state after every checkpoint,
                     # so a kill loses at most the evaluation in flight.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[SweepTensorBoard(), SweepProgress(self.plan.name, phase, self.env)],
+                    callbacks=[SweepTensorBoard(tuple(p.field for p in self.plan.space.params)),
+                               SweepProgress(self.plan.name, phase, self.env)],
                     verbose=2 if self.args.verbose else 0))
         with self._budget():
             self._in_fit = True

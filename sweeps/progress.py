@@ -201,17 +201,23 @@ class SweepProgress(tune.Callback):
 
 
 class SweepTensorBoard(TBXLoggerCallback):
-    """Ray's TensorBoard callback with a usable HParams view: the hyperparameters are the knobs
+    """Ray's TensorBoard callback with a usable HParams view: the hyperparameters are the swept knobs
     (`adrec.config.KNOBS`, inactive ones left out) and what identifies the trial; the metrics are
     the validation metrics and `objective` under the tag names they are logged with (tensorboardX
     writes `ray/tune/val_NDCG@20` as `ray/tune/val_NDCG_20`; declaring the raw name left the
-    HParams columns empty)."""
+    HParams columns empty). `swept` names the knobs the sweep's space searches: only those are
+    shown (a trial's Ray config spells out every field), each where it is active in the trial."""
+
+    def __init__(self, swept: tuple[str, ...] = tuple(KNOBS)) -> None:
+        super().__init__()
+        self.swept = tuple(k for k in swept if k in KNOBS)
 
     def _try_log_hparams(self, trial: Any, result: dict) -> None:
         from tensorboardX.summary import _clean_tag, hparams
 
         config = trial.config or {}
-        params: dict[str, Any] = {k: config[k] for k in KNOBS if config.get(k) is not None}
+        params: dict[str, Any] = {k: config[k] for k in self.swept
+                                  if config.get(k) is not None and KNOBS[k].is_active(config)}
         for key in HPARAM_IDS:
             if config.get(key) is not None:
                 params[key] = dataset_key(str(config[key])) if key == "dataset" else config[key]
