@@ -445,6 +445,12 @@ FULL: dict[str, Any] = {
         "lambda_uncertainty": {},
         "mse_weight": {},
         "lr": {},
+        # The authors' behaviour vs each correction (README's deviation table): cheap to search, so the
+        # sweep itself answers whether a correction matters.
+        "warmup_embedding": {},
+        "selection": {},
+        "loss_combination": {},
+        "score_padding_item": {},
     },
 }
 

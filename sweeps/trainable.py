@@ -45,8 +45,6 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     cfg, _ = split_config(config)
     _limit_threads()
-    if context.code_version:
-        os.environ["ADREC_CODE_VERSION"] = context.code_version
     trial_id = tune.get_context().get_trial_id()
     node_id = _node_id()
     restored = tune.get_checkpoint()
@@ -71,7 +69,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
             _maybe_fault(context.fault_once, trial_id)
 
-        result = fit(cfg, report, resume_from=resume_dir, stage1_cache=context.stage1_cache)  # blow-ups -> status "diverged"
+        result = fit(cfg, report, resume_from=resume_dir, stage1_cache=context.stage1_cache,  # blow-ups -> "diverged"
+                     code_version=context.code_version)
         result["ray"] = {"trial_id": trial_id, "node_id": node_id, "resumed_from_epoch": resumed_epoch}
         _report_final(result, cfg, node_id, scratch)
     finally:
