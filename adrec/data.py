@@ -56,23 +56,24 @@ class DatasetInfo:
     format: Format
     sha256: str
     url: str  # the publisher's raw download address
+    users: int  # users with a test item (shared/datasets/README.md); the cost estimate scales by it
 
 
-def _adrec(name: str, title: str, sha256: str) -> DatasetInfo:
-    return DatasetInfo(name, title, f"{name}.pkl", "split_pickle", sha256, _ADREC_RAW.format(name))
+def _adrec(name: str, title: str, sha256: str, users: int) -> DatasetInfo:
+    return DatasetInfo(name, title, f"{name}.pkl", "split_pickle", sha256, _ADREC_RAW.format(name), users)
 
 
 REGISTRY: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        _adrec("baby", "Amazon Baby", "bf8f3485f9e36763e07f0234e0ddb479cb023358797615388a36f0d7238cea99"),
-        _adrec("beauty", "Amazon Beauty", "a2f6ca22b3efe2bc5030ef9a7c4f6c928db2086771d58d9a40147e660f574bc1"),
-        _adrec("ml-100k", "MovieLens 100K", "dfc5dfaa7950d1a85af4fd6bb168c38efc8213092a9f72563c6d75ab00cef8d0"),
-        _adrec("sports", "Amazon Sports and Outdoors", "d2564386d64a5a5c7b57e11d674e388ca917d7444d4bf24d9e2528b36200587d"),
-        _adrec("toys", "Amazon Toys and Games", "54500b03bd7cc15ae54181d25fd8612339f4266b1693c7fea01272d4266df882"),
+        _adrec("baby", "Amazon Baby", "bf8f3485f9e36763e07f0234e0ddb479cb023358797615388a36f0d7238cea99", 11_761),
+        _adrec("beauty", "Amazon Beauty", "a2f6ca22b3efe2bc5030ef9a7c4f6c928db2086771d58d9a40147e660f574bc1", 10_553),
+        _adrec("ml-100k", "MovieLens 100K", "dfc5dfaa7950d1a85af4fd6bb168c38efc8213092a9f72563c6d75ab00cef8d0", 938),
+        _adrec("sports", "Amazon Sports and Outdoors", "d2564386d64a5a5c7b57e11d674e388ca917d7444d4bf24d9e2528b36200587d", 22_686),
+        _adrec("toys", "Amazon Toys and Games", "54500b03bd7cc15ae54181d25fd8612339f4266b1693c7fea01272d4266df882", 11_268),
         DatasetInfo("yelp", "Yelp (5-core, S3-Rec preprocessing)", "yelp.txt", "sequence_text",
                     "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed",
-                    "https://raw.githubusercontent.com/salesforce/ICLRec/master/data/Yelp.txt"),
+                    "https://raw.githubusercontent.com/salesforce/ICLRec/master/data/Yelp.txt", 30_431),
     )
 }
 

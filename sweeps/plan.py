@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from adrec.config import METRICS, TrialConfig
+from adrec.data import REGISTRY
 from adrec.record import PHASES, dataset_key, split_config, write_json
 from sweeps.spaces import Space, parse_space
 
@@ -175,7 +176,6 @@ TRIAL_OVERHEAD_S = 10.0  # a trial's process, imports and data loading (the smok
 # Where trials stop by patience (eval_every 5, patience 4), README's accuracy runs: ml-100k's stage 1 at
 # 85-125 epochs (mean 109) and stage 3 at 65-85 (75); baby's at 50 and 30, taken for the other datasets.
 TYPICAL_STOP = {"ml-100k": (109, 75), "baby": (50, 30)}
-USERS = {"ml-100k": 938, "baby": 11_761, "beauty": 10_553, "sports": 22_686, "toys": 11_268, "yelp": 30_431}
 ASHA_REDUCTION = 3  # sweeps.searchers.PerDatasetASHA's reduction factor
 
 
@@ -211,7 +211,7 @@ def trial_seconds(cfg: TrialConfig, node: NodeType, expected: bool, asha: bool =
     """
     key = dataset_key(cfg.dataset)
     speed = node.speeds.get(key, node.speeds["baby"])
-    users = USERS.get(key)
+    users = REGISTRY[key].users if key in REGISTRY else None
     size = min(1.0, cfg.max_users / users) if cfg.max_users and users else 1.0
     if cfg.model == "most_popular":
         return TRIAL_OVERHEAD_S + size * 2 * 0.1 * speed.eval

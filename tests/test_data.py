@@ -66,6 +66,7 @@ def test_stats_equal_readme_table(name: str) -> None:
     real_file(name)
     d = data.load_dataset(name, str(REAL_DIR))
     assert row(d) == README_STATS[name]
+    assert d.users == data.REGISTRY[name].users  # the registry's count (the cost estimate's) is the file's
     assert d.name == name and d.source == str((REAL_DIR / data.REGISTRY[name].file).resolve())
     assert len(d.val) == len(d.test) == len(d.train)
 
