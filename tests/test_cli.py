@@ -127,6 +127,38 @@ def test_diverged_run_exits_3_and_records_the_status(seq_file: Path, tmp_path: P
     assert "status=diverged" in capsys.readouterr().out
 
 
+def test_seeds_train_one_pack_whose_members_are_the_solo_runs(seq_file: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "seeds.json"
+    assert main(["train", "--data-path", str(seq_file), *sets(*TINY_SET), "--quiet", "--seeds", "7-8,11",
+                 "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["config"]["seed"] for r in records] == [7, 8, 11]
+    printed = capsys.readouterr().out
+    assert "test over 3 seeds" in printed and "mean" in printed and "sd" in printed
+    solo = tmp_path / "solo.json"
+    assert main(["train", "--data-path", str(seq_file), *sets(*TINY_SET, "seed=8"), "--quiet",
+                 "--out", str(solo)]) == 0
+    alone = json.loads(solo.read_text())
+    assert records[1]["val"] == pytest.approx(alone["val"], abs=1e-5)
+    assert records[1]["test"] == pytest.approx(alone["test"], abs=1e-5)
+    hr = [r["test"]["HR@20"] for r in records]
+    mean = sum(hr) / 3
+    assert f"{mean:.4f}" in printed.split("test over 3 seeds")[1].splitlines()[2]
+
+
+@pytest.mark.parametrize("text, message", [("2025-2020", "runs backwards"), ("a,b", "is not a seed")])
+def test_bad_seed_lists_exit_2(seq_file: Path, capsys: pytest.CaptureFixture, text: str, message: str) -> None:
+    assert main(["train", "--data-path", str(seq_file), "--seeds", text]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_seeds_keeps_order_and_drops_repeats() -> None:
+    from adrec.cli import parse_seeds
+
+    assert parse_seeds("2025-2027,2026,3") == [2025, 2026, 2027, 3]
+
+
 def test_set_overrides_config_file_and_data_path_overrides_dataset(seq_file: Path, tmp_path: Path) -> None:
     import argparse
 
