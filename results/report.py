@@ -142,7 +142,7 @@ def _answer(result: Analysis) -> list[Block]:
                                                              analysed["verdict"]))))
     if not result.best_knobs.empty:
         best = result.best.set_index("dataset")
-        score = {d: f"{best.loc[d, f'{result.metric}_mean']:.4f} over {best.loc[d, 'seeds']} seeds"
+        score = {d: f"{best.loc[d, f'{result.metric}_mean']:.4f} over {_seeds(best.loc[d, 'seeds'])}"
                  + ("" if best.loc[d, "confirmed"] else " (not confirmed)") for d in best.index}
         frame = pd.concat([pd.DataFrame([{"knob": result.metric, **score}]), result.best_knobs],
                           ignore_index=True)
@@ -303,3 +303,7 @@ def _dataset_section(result: Analysis, dataset: str) -> list[Block]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _seeds(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds"

@@ -158,8 +158,9 @@ def default_vs_tuned(table: pd.DataFrame, best: pd.DataFrame, varying: list[str]
                    "tuned_config": b["config_id"], "tuned_runs": len(tuned), "margin": margin}
             t, d = tuned[m].dropna().to_numpy(float), base[m].dropna().to_numpy(float)
             if len(d) == 0:
-                rows.append({**row, "verdict": "no run of the authors' default config (run the "
-                                               "`paper` space on this dataset)"})
+                rows.append({**row, "tuned_mean": t.mean() if len(t) else np.nan,
+                             "verdict": "no run of the authors' default config (run the "
+                                        "`paper` space on this dataset)"})
                 continue
             gap = t.mean() - d.mean()
             var = (t.var(ddof=1) / len(t) if len(t) > 1 else 0.0) + \

@@ -141,6 +141,18 @@ def test_expected_max_is_monotone(planted):
         (0.1 * 1 + 0.2 * 3 + 0.3 * 5 + 0.4 * 7) / 16)
 
 
+def test_without_a_default_run_the_tuned_mean_is_still_shown() -> None:
+    table = make_table(seed=4, n_configs=40, seeds=2)
+    table = table[table["config_id"] != "default"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = analyse(table, n_boot=200).default_vs_tuned
+    obj = d[d["metric"] == "val_NDCG@20"]
+    assert len(obj) == table["dataset"].nunique() > 0
+    assert (obj["default_runs"] == 0).all() and obj["default_mean"].isna().all()
+    assert obj["tuned_mean"].notna().all() and obj["verdict"].str.startswith("no run of the authors' default").all()
+
+
 def test_default_vs_tuned(planted):
     d = planted.default_vs_tuned
     assert set(d["dataset"]) == {"d1", "d2", "d3"}
