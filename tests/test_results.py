@@ -153,6 +153,21 @@ def test_without_a_default_run_the_tuned_mean_is_still_shown() -> None:
     assert obj["tuned_mean"].notna().all() and obj["verdict"].str.startswith("no run of the authors' default").all()
 
 
+def test_gap_bound_is_welchs_with_two_runs_a_side_and_uses_the_seed_sd_below() -> None:
+    from scipy import stats as sps
+
+    from results.selection import gap_upper_bound
+
+    tuned, default = np.array([0.31, 0.33, 0.30]), np.array([0.29, 0.28])
+    upper, note = gap_upper_bound(tuned, default, seed_sd=0.01)
+    welch = sps.ttest_ind(tuned, default, equal_var=False).confidence_interval(0.90).high
+    assert upper == pytest.approx(welch, rel=1e-9) and note == ""
+    upper, note = gap_upper_bound(np.array([0.31]), np.array([0.29]), seed_sd=0.01)
+    assert upper == pytest.approx(0.02 + sps.norm.ppf(0.95) * 0.01 * np.sqrt(2), rel=1e-9)
+    assert "seed sd" in note
+    assert np.isnan(gap_upper_bound(np.array([0.31]), np.array([0.29]), seed_sd=np.nan)[0])
+
+
 def test_default_vs_tuned(planted):
     d = planted.default_vs_tuned
     assert set(d["dataset"]) == {"d1", "d2", "d3"}
