@@ -5,7 +5,11 @@ phases, statuses, columns and the rules for a row live in one place. Pure Python
 no Ray, no torch. Columns follow DESIGN ("The trial record"): sweep, dataset, trial_id, phase,
 status, seed, config_id, every TrialConfig field by name (a knob that is inactive in the trial is
 null), val_/test_ metrics of the selected model, epochs_/seconds_stage1..3, node_id, accelerator,
-code_version, torch/ray/optuna versions and error (only for failed or diverged trials).
+code_version, torch/ray/optuna versions, pack_id and error (only for failed or diverged trials).
+
+A pack (`adrec.pack.fit_pack`, `--pack-size`) is one Ray trial that trains several member configs
+as one model; it leaves one row per member (`pack_rows`), each exactly as the member's solo trial
+would, with its own id `<ray trial id>-m<i>` and `pack_id` = the Ray trial's id (null for a solo trial).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from adrec.config import METRICS, TrialConfig, active_values, field_names
 
 TABLE_FILE = "trials.parquet"
 FIT_RESULT = "fit_result.json"  # the fit record a trial leaves in its last checkpoint
+PACK_RESULTS = "pack_results.json"  # a pack trial's last checkpoint: the members' fit records, in order
+PACK_KEY = "pack"  # a pack trial's Ray config: {"phase", "dataset", "job", "config_id", "pack": [member jobs]}
 PHASES: tuple[str, ...] = ("paired", "optimize", "confirm", "baseline")
 # completed: ran its budget or stopped by its own patience; pruned: stopped by the sweep's scheduler
 # (metrics at a lower budget); diverged: NaN/exploding loss; failed: crashed after its retries.
@@ -28,11 +34,11 @@ STATUSES: tuple[str, ...] = ("completed", "pruned", "diverged", "failed")
 ERROR_STATUSES: tuple[str, ...] = ("diverged", "failed")  # the only rows with an `error`
 STAGES: tuple[str, ...] = ("stage1", "stage2", "stage3")
 # Keys of a trial's Ray config that are not TrialConfig fields: stripped before `from_dict`.
-META_KEYS: tuple[str, ...] = ("phase", "config_id", "job")
+META_KEYS: tuple[str, ...] = ("phase", "config_id", "job", PACK_KEY)
 FINISHED: tuple[str, ...] = ("TERMINATED", "ERROR")  # Ray trial states after which a trial never runs again
 LEAD_COLUMNS: tuple[str, ...] = ("sweep", "dataset", "trial_id", "phase", "status", "seed", "config_id")
 RUN_COLUMNS: tuple[str, ...] = ("node_id", "accelerator", "code_version", "torch_version", "ray_version",
-                                "optuna_version", "error")
+                                "optuna_version", "pack_id", "error")
 assert not set(META_KEYS) & set(field_names()), "a META key shadows a TrialConfig field"
 
 
@@ -69,7 +75,7 @@ def outcome(result: Mapping[str, Any] | None, error: bool) -> str:
 
 def trial_row(*, sweep: str, trial_id: str, config: Mapping[str, Any], ray_status: str,
               history: pd.DataFrame | None, fit_result: Mapping[str, Any] | None, error: str | None,
-              env: Mapping[str, str]) -> dict[str, Any] | None:
+              env: Mapping[str, str], pack_id: str | None = None) -> dict[str, Any] | None:
     """The row of one Ray trial, or None while it is unfinished (PENDING/RUNNING/PAUSED).
 
     A pruned trial has no fit result: its validation metrics are those of its best reported
@@ -109,8 +115,45 @@ def trial_row(*, sweep: str, trial_id: str, config: Mapping[str, Any], ray_statu
     row["torch_version"] = str(run_env.get("torch") or env.get("torch_version", ""))
     row["ray_version"] = env.get("ray_version", "")
     row["optuna_version"] = env.get("optuna_version", "")
+    row["pack_id"] = pack_id
     row["error"] = (error or f"{status} (no message)") if status in ERROR_STATUSES else None
     return row
+
+
+def is_pack(config: Mapping[str, Any]) -> bool:
+    return PACK_KEY in config
+
+
+def member_id(pack_id: str, index: int) -> str:
+    """The trial id of a pack's member: its row's `trial_id`."""
+    return f"{pack_id}-m{index}"
+
+
+def member_jobs(config: Mapping[str, Any]) -> list[Any]:
+    """The job keys a Ray trial runs: its members' for a pack, else its own."""
+    if is_pack(config):
+        return [m["job"] for m in config[PACK_KEY]]
+    return [config.get("job")]
+
+
+def pack_rows(*, sweep: str, trial_id: str, config: Mapping[str, Any], ray_status: str,
+              results: list[Mapping[str, Any]] | None, error: str | None,
+              env: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The rows of one pack trial: one per member, as its solo trial's row would be (none while the
+    pack is unfinished). `results` are the members' fit records from the pack's final checkpoint;
+    without them (the pack crashed after its retries) every member is `failed` with the pack's error."""
+    members = config[PACK_KEY]
+    assert results is None or len(results) == len(members), f"pack trial {trial_id}: one result per member"
+    if results is None and ray_status in FINISHED:  # no records to show: every member failed
+        ray_status, error = "ERROR", error or "the pack ended without its members' results"
+    rows = []
+    for i, member in enumerate(members):
+        row = trial_row(sweep=sweep, trial_id=member_id(trial_id, i), config=member["config"], ray_status=ray_status,
+                        history=None, fit_result=results[i] if results is not None else None, error=error,
+                        env=env, pack_id=trial_id)
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 def _best_evaluation(history: pd.DataFrame, cfg: Mapping[str, Any]) -> tuple[dict, dict, dict]:

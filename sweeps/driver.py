@@ -28,9 +28,10 @@ import optuna
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
-from adrec.record import FINISHED, PHASES, TABLE_FILE, dataset_key, write_json, write_table
+from adrec.record import (FINISHED, PACK_KEY, PHASES, TABLE_FILE, dataset_key, is_pack, member_jobs, write_json,
+                          write_table)
 from sweeps import storage
-from sweeps.plan import Plan, SweepError
+from sweeps.plan import PACKED_PHASES, Plan, SweepError, pack_jobs
 from sweeps.progress import SweepProgress, SweepTensorBoard, best_table
 from sweeps.searchers import (JOURNAL, RUNTIME_FILE, JobSearcher, PerDatasetASHA, StudySearcher, journal_storage,
                               reconcile_studies)
@@ -53,6 +54,8 @@ def trial_dirname(trial: Any) -> str:
 
 def trial_name(trial: Any) -> str:
     c = trial.config
+    if is_pack(c):
+        return f"{dataset_key(str(c.get('dataset', '')))}/pack{len(c[PACK_KEY])}/{c.get('config_id', '')}"
     return f"{dataset_key(str(c.get('dataset', '')))}/{c.get('config_id', '')}/s{c.get('seed', '')}"
 
 
@@ -64,6 +67,7 @@ class Driver:
         self.ctx = TrialContext(stage1_cache=store.stage1_cache(), fault_once=os.environ.get(FAULT_ENV) or None,
                                 code_version=self.env["code_version"])
         self.deadline = time.time() + args.time_budget if args.time_budget else None
+        self.pack_size = int(getattr(args, "pack_size", None) or 1)  # members per Ray trial in paired/confirm
         self.study_names = {ds: f"{plan.name}/{dataset_key(ds)}" for ds in plan.datasets}
         self._in_fit = False
         self._signalled: str | None = None
@@ -91,7 +95,8 @@ class Driver:
         try:
             self._remove_leftovers()
             self.write_json(RUNTIME_FILE, {"max_concurrent": self.args.max_concurrent, "quiet": self.args.quiet,
-                                           "started": time.time(), "pid": os.getpid(), "total": self.plan.total()})
+                                           "started": time.time(), "pid": os.getpid(), "total": self.plan.total(),
+                                           "pack_size": self.pack_size})
             self._say(f"sweep {self.plan.name!r}: {self.plan.total()} trials on {len(self.plan.datasets)} "
                       f"dataset(s) in {self.store.describe()}" + (" (resuming)" if resumed else ""))
             if resumed:
@@ -237,8 +242,15 @@ class Driver:
             jobs = self.jobs(phase)
             if not jobs:
                 return True
-            known_jobs = {info["job"] for info in known.values()}
+            known_jobs = {job for info in known.values() for job in info["jobs"]}
             pending = [j for j in jobs if j["job"] not in known_jobs]
+            if self.pack_size > 1 and phase in PACKED_PHASES:  # the member jobs no known trial holds, in packs
+                members = len(pending)
+                pending = pack_jobs(pending, self.pack_size)
+                if pending:
+                    packs = sum(is_pack(j["config"]) for j in pending)
+                    self._say(f"{phase}: {members} trial(s) to run as {len(pending)} Ray trial(s), {packs} of "
+                              f"them packs of up to {self.pack_size}")
             self.write_json(f"{phase}_jobs.json", {"jobs": jobs, "pending": pending})
             if restoring and not pending and all(i["status"] in FINISHED for i in known.values()):
                 return True
@@ -312,7 +324,7 @@ class Driver:
             self.store.push(JOURNAL)
             return self.optimize_done(known)
         jobs = {j["job"] for j in self.jobs(phase)}
-        return jobs <= {i["job"] for i in known.values()}
+        return jobs <= {job for i in known.values() for job in i["jobs"]}
 
     def optimize_done(self, known: dict[str, dict]) -> bool:
         if any(i["status"] not in FINISHED for i in known.values()):
@@ -375,7 +387,8 @@ class Driver:
 
 
 def known_trials(exp: Path) -> dict[str, dict[str, Any]]:
-    """Ray trials recorded in an experiment folder: id -> status, last result and job key."""
+    """Ray trials recorded in an experiment folder: id -> status, last result, job key and the job
+    keys of the member-trials it runs (`jobs`: a pack's members, else its own job)."""
     if not any(exp.glob("experiment_state-*.json")):
         return {}
     from ray.tune import ExperimentAnalysis
@@ -386,8 +399,8 @@ def known_trials(exp: Path) -> dict[str, dict[str, Any]]:
     except (ValueError, OSError) as exc:
         log.warning("cannot read the experiment state in %s (%s); starting the phase's unknown jobs anew", exp, exc)
         return {}
-    return {t.trial_id: {"status": t.status, "last_result": t.last_result or {}, "job": t.config.get("job")}
-            for t in analysis.trials}
+    return {t.trial_id: {"status": t.status, "last_result": t.last_result or {}, "job": t.config.get("job"),
+                         "jobs": member_jobs(t.config)} for t in analysis.trials}
 
 
 __all__ = ["Driver", "SweepError", "known_trials", "trial_dirname", "trial_name"]

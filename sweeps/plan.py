@@ -21,7 +21,7 @@ import pandas as pd
 
 from adrec.config import METRICS, TrialConfig
 from adrec.data import REGISTRY
-from adrec.record import PHASES, dataset_key, split_config, write_json
+from adrec.record import PACK_KEY, PHASES, dataset_key, split_config, write_json
 from sweeps.spaces import Space, parse_space
 
 CONFIRM_SEED_OFFSET = 1000  # confirm seeds start here above --seed: never a seed the search used
@@ -130,6 +130,92 @@ class Plan:
     def cost_table(self) -> pd.DataFrame:
         """Trials and cost per dataset and phase: see `estimate_cost`."""
         return estimate_cost(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packs: the fixed phases' jobs grouped into pack trials (--pack-size)
+# --------------------------------------------------------------------------------------------------
+PACKED_PHASES = ("paired", "confirm")  # fixed job lists; optimise asks TPE one trial at a time, baselines are not ADRec
+
+
+def pack_jobs(jobs: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Group a fixed phase's jobs into pack jobs of at most `size` members; deterministic.
+
+    Jobs may share a pack only when `adrec.pack.PACK_FIELDS` agree (dataset, architecture, padding):
+    they are grouped by those values, in order of first appearance, and each group is filled in
+    job order with whole configs (all seeds of one `config_id`) while they fit, so the seeds of a
+    config share a pack whenever `size` >= their number (a config with more seeds is cut into
+    chunks of `size`). Choose `size` a multiple of the seeds per config for full packs. A job that
+    is not ADRec (a baseline) or ends up alone stays a plain job, trained by `fit` as without packs.
+    A pack job is `{"job": <first member's job>+<others>, "config": {phase, dataset, model, job,
+    config_id, "pack": [member jobs]}}`.
+    """
+    from adrec.pack import PACK_FIELDS, check_packable  # imported here: only packing needs torch
+
+    if size < 1:
+        raise SweepError(f"--pack-size={size} must be >= 1 (1 = one trial per Ray trial, no packs)")
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple, list[list[dict[str, Any]]]] = {}  # PACK_FIELDS values -> configs -> their jobs
+    for job in jobs:
+        cfg = job["config"]
+        if size == 1 or cfg.get("model") != "adrec":
+            out.append(job)
+            continue
+        configs = groups.setdefault(tuple(repr(cfg.get(f)) for f in PACK_FIELDS), [])
+        if configs and configs[-1][0]["config"].get("config_id") == cfg.get("config_id"):
+            configs[-1].append(job)
+        else:
+            configs.append([job])
+    for configs in groups.values():
+        for members in _fill(configs, size):
+            check_packable([split_config(m["config"])[0] for m in members])
+            out.append(members[0] if len(members) == 1 else _pack_job(members))
+    return out
+
+
+def _fill(configs: list[list[dict[str, Any]]], size: int) -> list[list[dict[str, Any]]]:
+    """Next fit: whole configs into the current pack while they fit, chunks of `size` for a larger one."""
+    packs: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    for config_jobs in configs:
+        if len(current) + len(config_jobs) > size and current:
+            packs.append(current)
+            current = []
+        for job in config_jobs:
+            current.append(job)
+            if len(current) == size:
+                packs.append(current)
+                current = []
+    if current:
+        packs.append(current)
+    return packs
+
+
+def _pack_job(members: list[dict[str, Any]]) -> dict[str, Any]:
+    first = members[0]["config"]
+    ids = list(dict.fromkeys(str(m["config"].get("config_id")) for m in members))
+    key = f"{members[0]['job']}+{len(members) - 1}"
+    config = {"phase": first["phase"], "dataset": first["dataset"], "model": first["model"], "job": key,
+              "config_id": "+".join(ids), PACK_KEY: [{"job": m["job"], "config": m["config"]} for m in members]}
+    return {"job": key, "config": config}
+
+
+def confirm_ray_trials(plan: "Plan", size: int) -> tuple[int, int]:
+    """Least and most Ray trials of the confirm phase (all datasets): its configs are picked during the
+    sweep; all of one architecture fill packs, all of different ones get a pack (or more) each."""
+    configs = min(plan.confirm_top, plan.paired_samples + plan.num_samples)
+    if not configs:
+        return 0, 0
+    seeds = [{}] * plan.repeats
+    least = len(_fill([list(seeds) for _ in range(configs)], size))
+    most = configs * len(_fill([list(seeds)], size))
+    return len(plan.datasets) * least, len(plan.datasets) * most
+
+
+def pack_counts(jobs: list[dict[str, Any]], size: int) -> tuple[int, int]:
+    """(Ray trials, of which packs) for a job list with `size`."""
+    packed = pack_jobs(jobs, size)
+    return len(packed), sum(PACK_KEY in j["config"] for j in packed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,5 +418,5 @@ def _plain(value: Any) -> Any:
     return value
 
 
-__all__ = ["NODE_TYPES", "PHASES", "NodeType", "Plan", "Speed", "SweepError", "cost_lines", "dataset_key",
-           "estimate_cost", "full_config", "parse_metric", "trial_seconds", "write_json"]
+__all__ = ["NODE_TYPES", "PACKED_PHASES", "PHASES", "NodeType", "Plan", "Speed", "SweepError", "cost_lines", "dataset_key",
+           "estimate_cost", "full_config", "pack_counts", "pack_jobs", "parse_metric", "trial_seconds", "write_json"]

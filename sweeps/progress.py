@@ -6,7 +6,8 @@ and one when it finishes (status, value, how long it took, the per-dataset count
 far, and the sweep's pace: finished / planned, trials per hour, an ETA from the plan's remaining
 trials and the measured trial times), replaces `trials.parquet` atomically after every finished
 trial, and keeps `progress.json` (counts per phase and dataset) for scripts and tests that watch a
-running sweep.
+running sweep. A pack trial (`--pack-size`) prints its members when it starts and one line per
+member when it ends; counts are of member-trials, as the table's rows.
 
 A storage failure while writing (full disk, read-only or vanished mount, a bucket that refuses)
 does not crash the driver: the callback records it on the sweep folder and asks Ray Tune to stop
@@ -29,13 +30,13 @@ from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
 from adrec.config import KNOBS
-from adrec.record import (FIT_RESULT, TABLE_FILE, RecordError, dataset_key, read_table, to_frame, trial_row,
-                          write_json, write_table)
+from adrec.record import (FIT_RESULT, PACK_KEY, PACK_RESULTS, TABLE_FILE, RecordError, dataset_key, is_pack,
+                          member_jobs, pack_rows, read_table, to_frame, trial_row, write_json, write_table)
 from sweeps import storage
 from sweeps.searchers import read_runtime
 from sweeps.spaces import BASELINES
 from sweeps.storage import storage_failure
-from sweeps.table import read_error, read_fit_result
+from sweeps.table import read_error, read_fit_result, read_pack_results
 
 log = logging.getLogger("sweeps.progress")
 PROGRESS_FILE = "progress.json"
@@ -53,6 +54,7 @@ class SweepProgress(tune.Callback):
     def _reset(self) -> None:
         self._rows: dict[str, dict[str, Any]] | None = None
         self._running: dict[str, str] = {}  # trial_id -> dataset
+        self._size: dict[str, int] = {}  # trial_id -> member-trials it runs (a pack's members, else 1)
         self._started: dict[str, float] = {}  # trial_id -> when it (re)started in this driver run
         self._seconds: list[float] = []  # wall seconds of the trials finished in this driver run
         self._peak = 1  # most trials seen running at once
@@ -89,14 +91,17 @@ class SweepProgress(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._running[trial.trial_id] = trial.config.get("dataset", "")
+        self._size[trial.trial_id] = len(member_jobs(trial.config))
         self._started[trial.trial_id] = time.time()
-        self._peak = max(self._peak, len(self._running))
+        self._peak = max(self._peak, self.running())
         self._guard(self._write_progress)
         if not self.quiet:
             c = trial.config
-            print(f"[{self.phase:>8} {dataset_key(str(c.get('dataset', ''))):>8}] {trial.trial_id} "
-                  f"{c.get('config_id', '')} seed={c.get('seed', '')} started | running {len(self._running)} | "
-                  f"elapsed {_duration(time.time() - self._t0())}", flush=True)
+            what = (f"pack of {len(c[PACK_KEY])}: " + " ".join(f"{m['config'].get('config_id')}/s{m['config'].get('seed')}"
+                                                            for m in c[PACK_KEY])
+                    if is_pack(c) else f"{c.get('config_id', '')} seed={c.get('seed', '')}")
+            print(f"[{self.phase:>8} {dataset_key(str(c.get('dataset', ''))):>8}] {trial.trial_id} {what} started | "
+                  f"running {self.running()} | elapsed {_duration(time.time() - self._t0())}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "TERMINATED")
@@ -105,6 +110,10 @@ class SweepProgress(tune.Callback):
         self._finish(trial, "ERROR")
 
     # --- internals -----------------------------------------------------------------------------
+    def running(self) -> int:
+        """Member-trials running now (a pack counts its members, as the table counts their rows)."""
+        return sum(self._size.get(t, 1) for t in self._running)
+
     def _t0(self) -> float:
         self.rows()
         return float(self._runtime.get("started") or time.time())
@@ -127,21 +136,28 @@ class SweepProgress(tune.Callback):
 
     def _finish(self, trial: Any, ray_status: str) -> None:
         self._running.pop(trial.trial_id, None)
+        self._size.pop(trial.trial_id, None)
         took = time.time() - self._started.pop(trial.trial_id, time.time())
+        error = read_error(trial.local_path) if ray_status == "ERROR" and trial.local_path else None
         try:
-            row = trial_row(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
-                            history=_history(trial), fit_result=_fit_result(trial),
-                            error=read_error(trial.local_path) if ray_status == "ERROR" and trial.local_path else None,
-                            env=self.env)
+            if is_pack(trial.config):
+                new = pack_rows(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
+                                results=_checkpoint_json(trial, PACK_RESULTS), error=error, env=self.env)
+            else:
+                row = trial_row(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
+                                history=_history(trial), fit_result=_checkpoint_json(trial, FIT_RESULT), error=error,
+                                env=self.env)
+                new = [row] if row is not None else []
         except Exception:  # noqa: BLE001 - a bad row must not stop the sweep; build_rows redoes it at the end
             log.exception("could not build the table row of trial %s", trial.trial_id)
             return
-        if row is None:
+        if not new:
             return
         if took > 0:
-            self._seconds.append(took)
+            self._seconds.extend([took] * len(new))  # a pack's members each took the pack's time
         rows = self.rows()
-        rows[trial.trial_id] = row
+        for row in new:
+            rows[row["trial_id"]] = row
         store = storage.current()
 
         def write() -> None:
@@ -152,20 +168,21 @@ class SweepProgress(tune.Callback):
         if store.failed or not self._guard(write):
             return
         if not self.quiet:
-            print(self._line(row, took), flush=True)
+            for row in new:
+                print(self._line(row, took), flush=True)
 
     def _counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, Counter] = {}
         for row in self.rows().values():
             out.setdefault(str(row["dataset"]), Counter())[str(row["status"])] += 1
-        for ds in self._running.values():
-            out.setdefault(str(ds), Counter())["running"] += 1
+        for trial_id, ds in self._running.items():
+            out.setdefault(str(ds), Counter())["running"] += self._size.get(trial_id, 1)
         return {ds: dict(c) for ds, c in out.items()}
 
     def _write_progress(self) -> None:
         rows = self.rows().values()
         by_phase = Counter(str(r["phase"]) for r in rows)
-        state = {"phase": self.phase, "running": len(self._running), "finished": len(self.rows()),
+        state = {"phase": self.phase, "running": self.running(), "finished": len(self.rows()),
                  "total": self._runtime.get("total"), "by_phase": dict(by_phase), "by_dataset": self._counts()}
         store = storage.current()
         write_json(store.path(PROGRESS_FILE), state)
@@ -258,16 +275,19 @@ def _history(trial: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fit_result(trial: Any) -> dict[str, Any] | None:
+def _checkpoint_json(trial: Any, name: str) -> Any:
+    """`name` (FIT_RESULT, PACK_RESULTS) from the trial's last checkpoint, or None."""
     ckpt = trial.checkpoint
     if ckpt is None:
         return None
     try:
         with ckpt.as_directory() as d:
-            path = os.path.join(d, FIT_RESULT)
+            path = os.path.join(d, name)
             return json.loads(open(path).read()) if os.path.exists(path) else None
     except Exception:  # noqa: BLE001 - fall back to the storage copy
-        return read_fit_result(trial.path) if trial.path else None
+        if not trial.path:
+            return None
+        return read_pack_results(trial.path) if name == PACK_RESULTS else read_fit_result(trial.path)
 
 
 def best_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:

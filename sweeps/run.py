@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "value as `objective`")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves")
     a("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions share one GPU")
+    a("--pack-size", type=int, help="train up to K trials of the paired and confirm phases as one pack (one Ray "
+                                    "trial, one process, one model with a member axis; same dataset and "
+                                    "architecture); 1 = one trial per Ray trial (default: 1, or the value the "
+                                    "sweep last ran with when resuming)")
     a("--max-concurrent", type=int, default=0, help="most trials running at once (0 = as many as resources allow)")
     a("--max-failures", type=int, default=2, help="retries of a crashed trial, each from its last checkpoint")
     a("--address", help="Ray cluster to join: host:port of its head, or 'auto' for the cluster `ray start` "
@@ -136,6 +140,8 @@ def make_plan(args: argparse.Namespace) -> "Plan":
             if value < (1 if key == "repeats" else 0):
                 raise SweepError(f"--{key.replace('_', '-')}={value} must be >= {1 if key == 'repeats' else 0}")
             counts[key] = value
+    if args.pack_size is not None and args.pack_size < 1:
+        raise SweepError(f"--pack-size={args.pack_size} must be >= 1 (1 = no packs: one trial per Ray trial)")
     if args.max_users < 0:
         raise SweepError(f"--max-users={args.max_users} must be >= 0 (0 = all users)")
     error = preflight.resource_request_error(args.gpus_per_trial, args.cpus_per_trial)
@@ -154,7 +160,25 @@ def make_plan(args: argparse.Namespace) -> "Plan":
     return plan
 
 
-def print_dry_run(plan: "Plan", where: str) -> None:
+def pack_lines(plan: "Plan", size: int) -> list[str]:
+    """--dry-run with --pack-size: Ray trials per phase (all datasets) when packs run the fixed phases."""
+    from sweeps.plan import confirm_ray_trials, pack_counts
+
+    ray_trials, packs = pack_counts(plan.paired_jobs(plan.paired_configs()), size)
+    n, counts = len(plan.datasets), plan.counts()
+    least, most = confirm_ray_trials(plan, size)
+    single = f", {ray_trials - packs} single" if ray_trials > packs else ""
+    return [f"packs (--pack-size {size}; paired and confirm run as packs, a pack is one Ray trial):",
+            f"  paired: {n * counts['paired']} trials in {ray_trials} Ray trials ({packs} packs{single})",
+            f"  optimize: {n * counts['optimize']} single trials",
+            f"  confirm: {n * counts['confirm']} trials in {least}..{most} Ray trials (its configs are chosen "
+            "during the sweep; configs of another architecture never share a pack)",
+            f"  baseline: {n * counts['baseline']} single trials",
+            "  (the cost figures below are for one trial per process)"]
+
+
+def print_dry_run(plan: "Plan", where: str, pack_size: int = 1) -> None:
+    """Trials and cost per phase and dataset; with `pack_size` > 1 also the Ray trials packs make."""
     from adrec.record import PHASES
 
     table = plan.cost_table()
@@ -167,6 +191,8 @@ def print_dry_run(plan: "Plan", where: str) -> None:
     from sweeps.plan import cost_lines
 
     print(f"total trials: {plan.total()}")
+    if pack_size > 1:
+        print("\n".join(pack_lines(plan, pack_size)))
     print("\n".join(cost_lines(plan, table)))
 
 
@@ -213,6 +239,21 @@ def load_settings(args: argparse.Namespace, plan: "Plan", store: "SweepStore") -
                          f"({shown or 'space definition differs'}); finish it with --resume, or start a new sweep "
                          "with another --name")
     return plan, True
+
+
+def resolve_pack_size(given: int | None, store: "SweepStore", resumed: bool) -> int:
+    """--pack-size, else the one the sweep's last run used (runtime.json) when it resumes, else 1."""
+    from sweeps.searchers import RUNTIME_FILE
+
+    if given is not None:
+        return given
+    path = store.path(RUNTIME_FILE)
+    if resumed and path.exists():
+        try:
+            return int(json.loads(path.read_text()).get("pack_size") or 1)
+        except (OSError, ValueError):
+            return 1
+    return 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from sweeps.storage import SweepStore
 
-            print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe())
+            print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe(), args.pack_size or 1)
             return 0
         _preflight(preflight.check_address, ray_address(args), timeout_s=3)
         store = open_store(args, plan.name)
@@ -329,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     code = EXIT_BAD_INPUT
     try:
         plan, resumed = load_settings(args, plan, store)
+        args.pack_size = resolve_pack_size(args.pack_size, store, resumed)
         joined, ray_tmp = connect(args)
         from sweeps.driver import Driver
 

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from adrec.record import (FINISHED, FIT_RESULT, TABLE_FILE, RecordError, columns, read_table, to_frame, trial_row,
-                          write_table)
+from adrec.record import (FINISHED, FIT_RESULT, PACK_RESULTS, TABLE_FILE, RecordError, columns, is_pack, pack_rows,
+                          read_table, to_frame, trial_row, write_table)
 
 log = logging.getLogger("sweeps.table")
 
@@ -38,6 +38,12 @@ def read_fit_result(trial_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(found[-1].read_text()) if found else None
 
 
+def read_pack_results(trial_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The members' fit records a pack trial left in its final checkpoint (None before it finished)."""
+    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{PACK_RESULTS}"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
 def read_error(trial_dir: str | os.PathLike) -> str | None:
     path = Path(trial_dir) / "error.txt"
     if not path.exists():
@@ -47,7 +53,8 @@ def read_error(trial_dir: str | os.PathLike) -> str | None:
 
 
 def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per finished trial of the given Ray experiment folders (deduplicated by trial_id).
+    """One row per finished trial of the given Ray experiment folders (deduplicated by trial_id); a
+    pack trial gives one row per member (`adrec.record.pack_rows`).
 
     The sweep name is the name of each experiment folder's parent (`<storage>/<sweep>/<phase>`).
     """
@@ -64,6 +71,12 @@ def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, s
         frames = analysis.trial_dataframes
         for trial in analysis.trials:
             trial_dir = Path(trial.path)
+            if is_pack(trial.config):  # one row per member, each with its own id
+                for row in pack_rows(sweep=exp.parent.name, trial_id=trial.trial_id, config=trial.config,
+                                     ray_status=trial.status, results=read_pack_results(trial_dir),
+                                     error=read_error(trial_dir), env=env):
+                    rows[row["trial_id"]] = row
+                continue
             row = trial_row(sweep=exp.parent.name, trial_id=trial.trial_id, config=trial.config,
                             ray_status=trial.status, history=frames.get(trial.trial_id),
                             fit_result=read_fit_result(trial_dir), error=read_error(trial_dir), env=env)
@@ -85,4 +98,4 @@ def quiet_analysis() -> Iterator[None]:
 
 
 __all__ = ["FINISHED", "FIT_RESULT", "TABLE_FILE", "RecordError", "build_rows", "columns", "quiet_analysis", "read_error",
-           "read_fit_result", "read_table", "to_frame", "trial_row", "versions", "write_table"]
+           "read_fit_result", "read_pack_results", "read_table", "to_frame", "trial_row", "versions", "write_table"]

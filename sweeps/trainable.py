@@ -4,6 +4,9 @@ Every evaluation is reported with the full training state as a checkpoint, so a 
 (`FailureConfig`) or a resumed sweep continues from the last evaluation. Only validation metrics
 reach the tuner: the test metrics of the selected model travel inside the final checkpoint
 (`fit_result.json`), which no scheduler or searcher reads, and the trial table picks them up there.
+
+A pack trial (`--pack-size`, a config with a `pack` list) trains its members with
+`adrec.pack.fit_pack` and reports once, at the end (`run_pack`).
 """
 from __future__ import annotations
 
@@ -20,12 +23,13 @@ from typing import Any
 from ray import tune
 
 from adrec.config import TrialConfig
-from adrec.record import FINISHED, FIT_RESULT, META_KEYS, split_config
+from adrec.record import FIT_RESULT, PACK_KEY, PACK_RESULTS, is_pack, member_id, split_config
 
 log = logging.getLogger("sweeps.trainable")
 
 REPORT_FILE = "report.json"  # the metrics of the evaluation a checkpoint belongs to
 FAULT_ENV = "ADREC_FAULT_ONCE"  # test hook: a marker folder; each trial raises once after its first checkpoint
+# (a pack: once after training, before its final report)
 METRIC = "objective"  # what schedulers and searchers read: best-so-far validation value, maximised
 MODE = "max"
 
@@ -40,9 +44,12 @@ class TrialContext:
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
-    """Train one trial under Ray Tune."""
+    """Train one trial under Ray Tune (a pack trial when its config holds a pack: `run_pack`)."""
     from adrec.train import fit
 
+    if is_pack(config):
+        run_pack(config, context)
+        return
     cfg, _ = split_config(config)
     _limit_threads()
     trial_id = tune.get_context().get_trial_id()
@@ -75,6 +82,54 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         _report_final(result, cfg, node_id, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_pack(config: dict[str, Any], context: TrialContext) -> None:
+    """Train a pack trial's members as one model (`adrec.pack.fit_pack`) and report once at the end.
+
+    A pack writes no checkpoint while it trains: a retry or a resumed sweep trains it again from
+    the start. Its final checkpoint holds every member's fit record (`pack_results.json`, in member
+    order); the one report Ray sees carries the best member's validation metrics as `objective`
+    (only validation metrics reach the tuner, as for a solo trial).
+    """
+    from adrec.pack import fit_pack
+
+    cfgs = [split_config(m["config"])[0] for m in config[PACK_KEY]]
+    _limit_threads()
+    trial_id = tune.get_context().get_trial_id()
+    node_id = _node_id()
+    restored = tune.get_checkpoint()
+    scratch = Path(tempfile.mkdtemp(prefix="adrec-pack-"))
+    try:
+        if restored is not None:  # only the final checkpoint exists: the pack had finished
+            done = Path(restored.to_directory(str(scratch / "resume"))) / PACK_RESULTS
+            if done.exists():
+                _report_pack(json.loads(done.read_text()), cfgs, node_id, scratch)
+                return
+        results = fit_pack(cfgs, stage1_cache=context.stage1_cache, code_version=context.code_version)
+        for i, result in enumerate(results):
+            result["ray"] = {"trial_id": member_id(trial_id, i), "pack_id": trial_id, "node_id": node_id,
+                             "resumed_from_epoch": 0}
+        _maybe_fault(context.fault_once, trial_id)  # test hook: a crash after training, before the record
+        _report_pack(results, cfgs, node_id, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _report_pack(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id: str, scratch: Path) -> None:
+    """The pack's one report: the best member's validation metrics (`objective` is what Tune reads)."""
+    values = [((r.get("val") or {}).get(c.select_metric), i) for i, (r, c) in enumerate(zip(results, cfgs))]
+    finite = [(float(v), i) for v, i in values if v is not None and math.isfinite(float(v))]
+    best = max(finite, key=lambda pair: pair[0]) if finite else None
+    val = (results[best[1]].get("val") or {}) if best else {}
+    out: dict[str, Any] = {METRIC: best[0] if best else -math.inf, "final": 1,
+                           "diverged": int(all(r.get("status") == "diverged" for r in results)),
+                           "node_id": node_id, "pack_size": len(results), "best_member": best[1] if best else -1}
+    out.update({f"val_{k}": v for k, v in val.items()})
+    folder = scratch / "final"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PACK_RESULTS).write_text(json.dumps(results, default=str))
+    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
 def _report_final(result: dict[str, Any], cfg: TrialConfig, node_id: str, scratch: Path) -> None:
