@@ -43,7 +43,7 @@ STALE_AFTER_S = 180  # ... and counts as abandoned when not refreshed for this l
 # Experiment files the driver reads back from a URI (no model state: checkpoints stay on the bucket).
 _EXPERIMENT_FILES = re.compile(r"(^|/)(experiment_state-[^/]*\.json|basic-variant-state-[^/]*\.json|tuner\.pkl|"
                                r"result\.json|progress\.csv|params\.json|params\.pkl|error\.txt|"
-                               r"events\.out\.tfevents[^/]*|checkpoint_[^/]*/(fit_result|report)\.json)$")
+                               r"events\.out\.tfevents[^/]*|checkpoint_[^/]*/(fit_result|pack_results|report)\.json)$")
 
 
 class StorageError(RuntimeError):

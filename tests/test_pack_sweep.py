@@ -272,3 +272,24 @@ def test_sigkill_mid_packed_sweep_then_resume_runs_each_member_once(tmp_path, ra
     assert set(unfinished) <= set(df["pack_id"])  # a pack the kill interrupted trained again, as the same trial
     assert len(list((sweep / "paired").glob("experiment_state-*.json"))) == 2  # restored, not restarted
     assert json.loads((sweep / "runtime.json").read_text())["pack_size"] == 2
+
+
+@pytest.mark.slow
+def test_packed_sweep_on_s3_keeps_every_members_record(tmp_path, s3_env):
+    """The driver reads trials back from its local mirror of the bucket: pack records must be copied."""
+    import pyarrow.fs
+
+    space = write_space(tmp_path, "s3packs", {"paired_samples": 1, "repeats": 2})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private Ray that sees the bucket
+    (tmp_path / "head").mkdir()
+    env.update(s3_env, TMPDIR=str(tmp_path / "head"))
+    out = subprocess.run([sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage",
+                          "s3://sweeps/packs", "--pack-size", "2", "--no-report", "--quiet"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], access_key="testing",
+                                 secret_key="testing", region="us-east-1", scheme="http")
+    with fs.open_input_file("sweeps/packs/s3packs/trials.parquet") as f:
+        df = pd.read_parquet(f)
+    assert len(df) == 2 and df["pack_id"].nunique() == 1 and (df["status"] == "completed").all()
+    assert df["test_NDCG@20"].notna().all() and df["seed"].tolist() == [2025, 2026]
