@@ -65,7 +65,8 @@ class Driver:
         self.dir = store.local
         self.env = versions()
         self.ctx = TrialContext(stage1_cache=store.stage1_cache(), fault_once=os.environ.get(FAULT_ENV) or None,
-                                code_version=self.env["code_version"])
+                                code_version=self.env["code_version"],
+                                swept=tuple(p.field for p in plan.space.params))
         self.deadline = time.time() + args.time_budget if args.time_budget else None
         self.pack_size = int(getattr(args, "pack_size", None) or 1)  # members per Ray trial in paired/confirm
         self.study_names = {ds: f"{plan.name}/{dataset_key(ds)}" for ds in plan.datasets}

@@ -23,7 +23,8 @@ import os
 import signal
 import time
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import pandas as pd
 from ray import tune
@@ -230,23 +231,57 @@ class SweepTensorBoard(TBXLoggerCallback):
         self.swept = tuple(k for k in swept if k in KNOBS)
 
     def _try_log_hparams(self, trial: Any, result: dict) -> None:
-        from tensorboardX.summary import _clean_tag, hparams
+        from tensorboardX.summary import hparams
 
         config = trial.config or {}
-        params: dict[str, Any] = {k: config[k] for k in self.swept
-                                  if config.get(k) is not None and KNOBS[k].is_active(config)}
-        for key in HPARAM_IDS:
-            if config.get(key) is not None:
-                params[key] = dataset_key(str(config[key])) if key == "dataset" else config[key]
-        params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()
-                  if isinstance(v, (str, bool, int, float)) or hasattr(v, "item")}
-        metrics = {_clean_tag(k): v for k, v in result.items()
-                   if k.startswith(("ray/tune/val_", "ray/tune/objective")) and isinstance(v, (int, float))}
+        if is_pack(config):  # its members wrote their own runs and HParams (write_member_events)
+            return
         try:
-            for summary in hparams(hparam_dict=params, metric_dict=metrics):
+            for summary in hparams(hparam_dict=hparam_values(config, self.swept), metric_dict=hparam_metrics(result)):
                 self._trial_writer[trial].file_writer.add_summary(summary)
         except Exception:  # noqa: BLE001 - TensorBoard must never stop a sweep
             log.exception("could not write the HParams of trial %s", trial.trial_id)
+
+
+def hparam_values(config: Mapping[str, Any], swept: tuple[str, ...]) -> dict[str, Any]:
+    """A trial's HParams: the swept knobs active in it and what identifies it (plain scalars only)."""
+    params: dict[str, Any] = {k: config[k] for k in swept
+                              if k in KNOBS and config.get(k) is not None and KNOBS[k].is_active(config)}
+    for key in HPARAM_IDS:
+        if config.get(key) is not None:
+            params[key] = dataset_key(str(config[key])) if key == "dataset" else config[key]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()
+            if isinstance(v, (str, bool, int, float)) or hasattr(v, "item")}
+
+
+def hparam_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The HParams metrics of a trial's last logged result, under the tags tensorboardX wrote them with."""
+    from tensorboardX.summary import _clean_tag
+
+    return {_clean_tag(k): v for k, v in result.items()
+            if k.startswith(("ray/tune/val_", "ray/tune/objective")) and isinstance(v, (int, float))}
+
+
+def write_member_events(folder: Path, config: Mapping[str, Any], swept: tuple[str, ...],
+                        results: list[Mapping[str, Any]]) -> None:
+    """A pack member's TensorBoard run, as Ray's callback writes a solo trial's: every numeric value
+    of each result as `ray/tune/<key>` at step 1, 2, ... (a solo trial's training_iteration), then
+    the HParams with the last result's metrics."""
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    writer = SummaryWriter(str(folder))
+    try:
+        logged: dict[str, Any] = {}
+        for step, result in enumerate(results, 1):
+            for key, value in result.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    writer.add_scalar(f"ray/tune/{key}", value, global_step=step)
+                    logged[f"ray/tune/{key}"] = value
+        for summary in hparams(hparam_dict=hparam_values(config, swept), metric_dict=hparam_metrics(logged)):
+            writer.file_writer.add_summary(summary)
+    finally:
+        writer.close()
 
 
 def _duration(seconds: float) -> str:

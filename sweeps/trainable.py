@@ -41,6 +41,7 @@ class TrialContext:
     stage1_cache: str
     fault_once: str | None = None  # the marker folder of the fault hook (from ADREC_FAULT_ONCE)
     code_version: str | None = None  # the driver's checkout: workers may run from a copy without .git
+    swept: tuple[str, ...] = ()  # the space's knobs: a pack member's TensorBoard HParams
 
 
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -93,6 +94,7 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
     (only validation metrics reach the tuner, as for a solo trial).
     """
     from adrec.pack import fit_pack
+    from sweeps.progress import write_member_events
 
     cfgs = [split_config(m["config"])[0] for m in config[PACK_KEY]]
     _limit_threads()
@@ -101,23 +103,39 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
     restored = tune.get_checkpoint()
     scratch = Path(tempfile.mkdtemp(prefix="adrec-pack-"))
     try:
-        if restored is not None:  # only the final checkpoint exists: the pack had finished
-            done = Path(restored.to_directory(str(scratch / "resume"))) / PACK_RESULTS
-            if done.exists():
-                _report_pack(json.loads(done.read_text()), cfgs, node_id, scratch)
+        if restored is not None:  # only the final checkpoint exists: the pack had finished; report it again
+            folder = Path(restored.to_directory(str(scratch / "resume")))
+            if (folder / PACK_RESULTS).exists():
+                results = json.loads((folder / PACK_RESULTS).read_text())
+                tune.report(_pack_result(results, cfgs, node_id), checkpoint=tune.Checkpoint.from_directory(str(folder)))
                 return
-        results = fit_pack(cfgs, stage1_cache=context.stage1_cache, code_version=context.code_version)
-        for i, result in enumerate(results):
+        evaluations: list[list[dict[str, Any]]] = [[] for _ in cfgs]  # each member's reports, for TensorBoard
+        results = fit_pack(cfgs, [_collector(e) for e in evaluations], stage1_cache=context.stage1_cache, code_version=context.code_version)
+        folder = scratch / "final"
+        folder.mkdir(parents=True)
+        for i, (result, cfg) in enumerate(zip(results, cfgs)):
             result["ray"] = {"trial_id": member_id(trial_id, i), "pack_id": trial_id, "node_id": node_id,
                              "resumed_from_epoch": 0}
-        _maybe_fault(context.fault_once, trial_id)  # test hook: a crash after training, before the record
-        _report_pack(results, cfgs, node_id, scratch)
+            val = result.get("val") or {}
+            final = {METRIC: val.get(cfg.select_metric, -math.inf), "final": 1,
+                     "diverged": int(result.get("status") == "diverged"), **{f"val_{k}": v for k, v in val.items()}}
+            write_member_events(folder / member_id(trial_id, i), config[PACK_KEY][i]["config"], context.swept,
+                                [*evaluations[i], final])
+        (folder / PACK_RESULTS).write_text(json.dumps(results, default=str))
+        _maybe_fault(context.fault_once, trial_id)  # test hook: a crash after training, before the report
+        tune.report(_pack_result(results, cfgs, node_id), checkpoint=tune.Checkpoint.from_directory(str(folder)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _report_pack(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id: str, scratch: Path) -> None:
-    """The pack's one report: the best member's validation metrics (`objective` is what Tune reads)."""
+def _collector(into: list[dict[str, Any]]) -> Any:
+    """A fit_pack reporter that keeps a member's evaluations (a pack writes no checkpoint meanwhile)."""
+    return lambda metrics, _checkpoint_dir: into.append(dict(metrics))
+
+
+def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id: str) -> dict[str, Any]:
+    """The pack's one report: the best member's validation metrics (`objective` is what Tune reads).
+    Each member's own curves and HParams are TensorBoard runs in the final checkpoint."""
     values = [((r.get("val") or {}).get(c.select_metric), i) for i, (r, c) in enumerate(zip(results, cfgs))]
     finite = [(float(v), i) for v, i in values if v is not None and math.isfinite(float(v))]
     best = max(finite, key=lambda pair: pair[0]) if finite else None
@@ -126,10 +144,7 @@ def _report_pack(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id
                            "diverged": int(all(r.get("status") == "diverged" for r in results)),
                            "node_id": node_id, "pack_size": len(results), "best_member": best[1] if best else -1}
     out.update({f"val_{k}": v for k, v in val.items()})
-    folder = scratch / "final"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PACK_RESULTS).write_text(json.dumps(results, default=str))
-    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+    return out
 
 
 def _report_final(result: dict[str, Any], cfg: TrialConfig, node_id: str, scratch: Path) -> None:

@@ -164,6 +164,29 @@ def _expected_jobs(sweep: Path, phases=("paired", "confirm", "baseline")) -> dic
     return out
 
 
+def tensorboard_run(folder: Path) -> tuple[dict, dict[str, list[float]]]:
+    """The HParams and the scalar series of the TensorBoard run in `folder` (not its subfolders)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams: dict = {}
+    scalars: dict[str, list[float]] = {}
+    for events in folder.glob("events.out.tfevents.*"):
+        acc = event_accumulator.EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.value for e in acc.Scalars(tag)]
+        try:
+            contents = acc.PluginTagToContent("hparams").values()
+        except KeyError:  # no HParams in this file
+            contents = []
+        for raw in contents:
+            data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+            if data.HasField("session_start_info"):
+                hparams = dict(data.session_start_info.hparams)
+    return hparams, scalars
+
+
 def _row_job(row: pd.Series) -> str:
     return f"{row['phase']}/ml-100k/{row['config_id']}/s{row['seed']}"
 
@@ -200,6 +223,20 @@ def test_packed_sweep_rows_equal_solo_fits_and_the_report_runs(tmp_path, ray_add
         results = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines() if x.strip()]
         assert len(results) == 1 and results[0]["pack_size"] == 3 and "objective" in results[0]
         assert not any(k.startswith("test_") for k in results[0])
+    # TensorBoard: each member is a run of its own (curves and HParams, in the pack's final checkpoint);
+    # the pack trial's own run has no HParams session
+    for _, row in adrec.iterrows():
+        (run,) = sweep.glob(f"{row['phase']}/*_{row['pack_id']}/checkpoint_*/{row['trial_id']}")
+        hparams, scalars = tensorboard_run(run)
+        assert {"lambda_uncertainty", "noise_schedule", "dataset", "seed", "config_id"} <= set(hparams)
+        assert hparams["config_id"].string_value == row["config_id"]
+        assert hparams["seed"].number_value == row["seed"]
+        assert len(scalars["ray/tune/objective"]) == row["epochs_stage2"] + row["epochs_stage3"] + 1  # evals + final
+        assert scalars["ray/tune/val_NDCG_20"][-1] == pytest.approx(row["val_NDCG@20"], abs=1e-6)
+    for pack_dir in sweep.glob("*/*_*"):
+        if pack_dir.is_dir() and pack_dir.name.split("_")[-1] in set(adrec["pack_id"]):
+            hparams, scalars = tensorboard_run(pack_dir)
+            assert not hparams and "ray/tune/objective" in scalars
     # each member equals its config trained alone by `fit`
     cache = tmp_path / "solo_stage1"
     for _, row in adrec.iterrows():
