@@ -89,3 +89,19 @@ def test_bench_command_writes_the_figures(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     check_figures(figures, TrialConfig(**TINY))
     assert json.loads(proc.stdout) == figures
+
+
+def test_bench_packs_times_a_pack_and_processes_that_train_the_same_trials(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    tiny = [f"{k}={v}" for k, v in TINY.items() if k not in ("dataset", "device")]
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_packs.py", "--dataset", "ml-100k", "--device", "cpu", "--sizes", "2",
+         "--epochs", "1", "--out", str(out), *(a for t in tiny for a in ("--set", t))],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["K"], r["mode"]) for r in rows] == [(2, "pack"), (2, "processes")]
+    assert all(r["wall_s"] > 0 and r["trials_per_hour"] == pytest.approx(2 / r["wall_s"] * 3600, rel=0.01)
+               for r in rows)
+    assert rows[0]["mean_val_NDCG@20"] == pytest.approx(rows[1]["mean_val_NDCG@20"], abs=1e-4)  # same trials
+    assert "trials/hour" in proc.stdout
