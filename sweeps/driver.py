@@ -187,7 +187,7 @@ class Driver:
     def rebuild_table(self) -> "pd.DataFrame":
         """The table from the experiment folders (authoritative after a restart), written atomically."""
         self.store.fetch_experiments(PHASES)
-        df = build_rows([self.dir / p for p in PHASES], env=self.env)
+        df = build_rows([self.dir / p for p in PHASES], env=self.env, sweep=self.plan.name)
         write_table(df, self.store.path(TABLE_FILE))
         self.store.push(TABLE_FILE)
         return df
@@ -302,7 +302,8 @@ class Driver:
             name = "confirm_jobs.json"
             if not self.store.path(name).exists():
                 self.store.fetch_experiments(["paired", "optimize"])
-                table = build_rows([self.dir / "paired", self.dir / "optimize"], env=self.env)
+                table = build_rows([self.dir / "paired", self.dir / "optimize"], env=self.env,
+                                   sweep=self.plan.name)
                 self.write_json(name, {"jobs": self.plan.confirm_jobs(table) if self.plan.confirm_top else []})
             return self.read_json(name)["jobs"]
         return self.plan.baseline_jobs()

@@ -98,9 +98,11 @@ class SweepProgress(tune.Callback):
         self._guard(self._write_progress)
         if not self.quiet:
             c = trial.config
-            what = (f"pack of {len(c[PACK_KEY])}: " + " ".join(f"{m['config'].get('config_id')}/s{m['config'].get('seed')}"
-                                                            for m in c[PACK_KEY])
-                    if is_pack(c) else f"{c.get('config_id', '')} seed={c.get('seed', '')}")
+            if is_pack(c):
+                names = (f"{m['config'].get('config_id')}/s{m['config'].get('seed')}" for m in c[PACK_KEY])
+                what = f"pack of {len(c[PACK_KEY])}: {' '.join(names)}"
+            else:
+                what = f"{c.get('config_id', '')} seed={c.get('seed', '')}"
             print(f"[{self.phase:>8} {dataset_key(str(c.get('dataset', ''))):>8}] {trial.trial_id} {what} started | "
                   f"running {self.running()} | elapsed {_duration(time.time() - self._t0())}", flush=True)
 

@@ -52,11 +52,13 @@ def read_error(trial_dir: str | os.PathLike) -> str | None:
     return lines[-1][:500] if lines else "error"
 
 
-def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, str] | None = None) -> pd.DataFrame:
+def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, str] | None = None,
+               sweep: str | None = None) -> pd.DataFrame:
     """One row per finished trial of the given Ray experiment folders (deduplicated by trial_id); a
     pack trial gives one row per member (`adrec.record.pack_rows`).
 
-    The sweep name is the name of each experiment folder's parent (`<storage>/<sweep>/<phase>`).
+    The sweep name is `sweep`, else the name of each experiment folder's parent
+    (`<storage>/<sweep>/<phase>`; a sweep on a URI reads a local mirror whose name is not the sweep's).
     """
     from ray.tune import ExperimentAnalysis
 
@@ -72,12 +74,12 @@ def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, s
         for trial in analysis.trials:
             trial_dir = Path(trial.path)
             if is_pack(trial.config):  # one row per member, each with its own id
-                for row in pack_rows(sweep=exp.parent.name, trial_id=trial.trial_id, config=trial.config,
+                for row in pack_rows(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
                                      ray_status=trial.status, results=read_pack_results(trial_dir),
                                      error=read_error(trial_dir), env=env):
                     rows[row["trial_id"]] = row
                 continue
-            row = trial_row(sweep=exp.parent.name, trial_id=trial.trial_id, config=trial.config,
+            row = trial_row(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
                             ray_status=trial.status, history=frames.get(trial.trial_id),
                             fit_result=read_fit_result(trial_dir), error=read_error(trial_dir), env=env)
             if row is not None:

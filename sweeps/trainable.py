@@ -107,10 +107,12 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
             folder = Path(restored.to_directory(str(scratch / "resume")))
             if (folder / PACK_RESULTS).exists():
                 results = json.loads((folder / PACK_RESULTS).read_text())
-                tune.report(_pack_result(results, cfgs, node_id), checkpoint=tune.Checkpoint.from_directory(str(folder)))
+                tune.report(_pack_result(results, cfgs, node_id),
+                            checkpoint=tune.Checkpoint.from_directory(str(folder)))
                 return
         evaluations: list[list[dict[str, Any]]] = [[] for _ in cfgs]  # each member's reports, for TensorBoard
-        results = fit_pack(cfgs, [_collector(e) for e in evaluations], stage1_cache=context.stage1_cache, code_version=context.code_version)
+        results = fit_pack(cfgs, [_collector(e) for e in evaluations], stage1_cache=context.stage1_cache,
+                           code_version=context.code_version)
         folder = scratch / "final"
         folder.mkdir(parents=True)
         for i, (result, cfg) in enumerate(zip(results, cfgs)):

@@ -313,7 +313,8 @@ def test_sigkill_mid_packed_sweep_then_resume_runs_each_member_once(tmp_path, ra
 
 @pytest.mark.slow
 def test_packed_sweep_on_s3_keeps_every_members_record(tmp_path, s3_env):
-    """The driver reads trials back from its local mirror of the bucket: pack records must be copied."""
+    """The driver reads trials back from its local mirror of the bucket: pack records must be copied,
+    and the rows name the sweep, not the mirror folder."""
     import pyarrow.fs
 
     space = write_space(tmp_path, "s3packs", {"paired_samples": 1, "repeats": 2})
@@ -330,3 +331,4 @@ def test_packed_sweep_on_s3_keeps_every_members_record(tmp_path, s3_env):
         df = pd.read_parquet(f)
     assert len(df) == 2 and df["pack_id"].nunique() == 1 and (df["status"] == "completed").all()
     assert df["test_NDCG@20"].notna().all() and df["seed"].tolist() == [2025, 2026]
+    assert (df["sweep"] == "s3packs").all()  # the sweep's name, not its local mirror's
