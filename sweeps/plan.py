@@ -6,7 +6,9 @@ Phases, in order:
   comparisons are built on;
 - optimize: `num_samples` TPE trials per dataset (one Optuna study each), ASHA per dataset;
 - confirm: the `confirm_top` best configs of each dataset (mean validation value over its completed
-  paired/optimize runs) re-run with `repeats` fresh seeds, against the winner's curse;
+  paired/optimize runs) re-run with `repeats` fresh seeds, against the winner's curse, and the
+  authors' default config (`config_id` "default") with the same seeds, so that the report's
+  default-vs-tuned comparison has both on an equal footing;
 - baseline: most_popular / sasrec once per dataset.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from adrec.record import PACK_KEY, PHASES, dataset_key, split_config, write_json
 from sweeps.spaces import Space, parse_space
 
 CONFIRM_SEED_OFFSET = 1000  # confirm seeds start here above --seed: never a seed the search used
+DEFAULT_CONFIG_ID = "default"  # the authors' default config, re-run in the confirm phase
 class SweepError(ValueError):
     """Bad input: reported as one message, exit code 2, before any trial starts."""
 
@@ -100,14 +103,31 @@ class Plan:
             if done.empty:
                 continue
             ranked = done.groupby("config_id")[col].mean().sort_values(ascending=False, kind="stable")
+            picked: list[tuple[str, dict[str, Any]]] = []
             for cid in ranked.index[: self.confirm_top]:
                 row = done[done["config_id"] == cid].iloc[0]
                 values = {f: _plain(row[f]) for f in fields if f in row.index}
-                values = {f: v for f, v in values.items() if v is not None}  # inactive knobs are null
+                picked.append((str(cid), {f: v for f, v in values.items() if v is not None}))  # inactive: null
+            if not any(self.is_default(values) for _, values in picked):
+                picked.append((DEFAULT_CONFIG_ID, {}))
+            for cid, values in picked:
                 for r in range(self.repeats):
                     seed = self.seed + CONFIRM_SEED_OFFSET + r
-                    jobs.append(self._job("confirm", ds, str(cid), {**values, "seed": seed}))
+                    jobs.append(self._job("confirm", ds, cid, {**values, "seed": seed}))
         return jobs
+
+    def is_default(self, values: Mapping[str, Any]) -> bool:
+        """Whether a config has the authors' default for every knob the space sweeps (an inactive,
+        absent knob counts as default: another knob already differs or it cannot act)."""
+        default = TrialConfig.from_dict(self.base_config(self.datasets[0])).to_dict()
+        for param in self.space.params:
+            value, want = values.get(param.field), default[param.field]
+            if isinstance(want, float) and value is not None:
+                if not math.isclose(float(value), want, rel_tol=1e-9):
+                    return False
+            elif value is not None and value != want:
+                return False
+        return True
 
     def baseline_jobs(self) -> list[dict[str, Any]]:
         return [self._job("baseline", ds, f"b-{b}", {"model": b}) for ds in self.datasets for b in self.baselines]
@@ -121,8 +141,13 @@ class Plan:
     def counts(self) -> dict[str, int]:
         """Trials per dataset and phase (confirm: at most; it needs completed configs to pick from)."""
         return {"paired": self.paired_samples * self.repeats, "optimize": self.num_samples,
-                "confirm": min(self.confirm_top, self.paired_samples + self.num_samples) * self.repeats,
+                "confirm": self.confirm_configs() * self.repeats,
                 "baseline": len(self.baselines)}
+
+    def confirm_configs(self) -> int:
+        """At most: the top configs, and the authors' default unless it is among them."""
+        top = min(self.confirm_top, self.paired_samples + self.num_samples)
+        return top + 1 if top else 0
 
     def total(self) -> int:
         return len(self.datasets) * sum(self.counts().values())
@@ -203,7 +228,7 @@ def _pack_job(members: list[dict[str, Any]]) -> dict[str, Any]:
 def confirm_ray_trials(plan: "Plan", size: int) -> tuple[int, int]:
     """Least and most Ray trials of the confirm phase (all datasets): its configs are picked during the
     sweep; all of one architecture fill packs, all of different ones get a pack (or more) each."""
-    configs = min(plan.confirm_top, plan.paired_samples + plan.num_samples)
+    configs = plan.confirm_configs()
     if not configs:
         return 0, 0
     seeds = [{}] * plan.repeats

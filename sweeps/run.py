@@ -183,8 +183,10 @@ def print_dry_run(plan: "Plan", where: str, pack_size: int = 1) -> None:
 
     table = plan.cost_table()
     print(f"sweep {plan.name!r} in {where}  space={plan.space.name} metric=val_{plan.metric} seed={plan.seed}")
-    print(f"per dataset: paired {plan.paired_samples} configs x {plan.repeats} seeds, optimise {plan.num_samples} "
-          f"TPE trials, confirm top {plan.confirm_top} x {plan.repeats} seeds, baselines {list(plan.baselines)}")
+    seeds = "1 seed" if plan.repeats == 1 else f"{plan.repeats} seeds"
+    confirm = f"top {plan.confirm_top} and the authors' default x {seeds}" if plan.confirm_top else "none"
+    print(f"per dataset: paired {plan.paired_samples} configs x {seeds}, optimise {plan.num_samples} "
+          f"TPE trials, confirm {confirm}, baselines {list(plan.baselines)}")
     wide = table.pivot(index="dataset", columns="phase", values="trials")[list(PHASES)]
     wide["total"] = wide.sum(axis=1)
     print(wide.to_string())

@@ -74,7 +74,7 @@ def test_the_smoke_design_gives_verdicts_on_its_knobs() -> None:
     plan = smoke_plan()
     table = sweep_table(plan)
     assert (table["phase"].value_counts().to_dict()
-            == {"paired": plan.paired_samples * plan.repeats, "confirm": plan.confirm_top * plan.repeats,
+            == {"paired": plan.paired_samples * plan.repeats, "confirm": (plan.confirm_top + 1) * plan.repeats,
                 "baseline": len(plan.baselines)})
     result = analyse(table, n_boot=400)
     verdict = result.verdict.set_index("knob")
@@ -85,6 +85,35 @@ def test_the_smoke_design_gives_verdicts_on_its_knobs() -> None:
     words = ("matters", "depends", "equivalent", "small", "not detected")
     assert all(grid[k].startswith(words) for k in swept), grid.to_dict()
     assert result.noise["dof"].iloc[0] >= plan.confirm_top  # the confirm re-runs give the seed noise
+
+
+def test_confirm_reruns_the_authors_default_with_the_top_configs_seeds() -> None:
+    """The report compares the tuned best with the authors' default: the confirm phase runs both, with
+    the same fresh seeds, and the report's default-vs-tuned row has numbers on both sides."""
+    from results import analyse
+
+    plan = smoke_plan(repeats=2)
+    table = sweep_table(plan)
+    confirm = table[table["phase"] == "confirm"]
+    default = confirm[confirm["config_id"] == "default"]
+    assert sorted(default["seed"]) == sorted(confirm[confirm["config_id"] != "default"]["seed"].unique())
+    for knob in (p.field for p in plan.space.params):
+        assert (default[knob] == getattr(TrialConfig(), knob)).all(), knob
+    assert plan.counts()["confirm"] == len(confirm)
+    result = analyse(table, n_boot=200)
+    row = result.default_vs_tuned.iloc[0]
+    assert row["default_runs"] == 2 and np.isfinite(row["default_mean"]) and np.isfinite(row["gap_upper"])
+
+
+def test_the_default_is_not_run_twice_when_it_is_among_the_top_configs() -> None:
+    plan = smoke_plan()
+    default = {p.field: getattr(TrialConfig(), p.field) for p in plan.space.params}
+    rows = [_row(plan, 0, plan._job("paired", "ml-100k", "p000", {**default, "seed": 2025})["config"], 0.05),
+            _row(plan, 1, plan._job("paired", "ml-100k", "p001", {**default, "mse_weight": 3.0,
+                                                                   "seed": 2025})["config"], 0.04)]
+    jobs = plan.confirm_jobs(to_frame(rows))
+    assert [j["config"]["config_id"] for j in jobs] == ["p000", "p001"]
+    assert plan.is_default(default) and not plan.is_default({**default, "aggregation": "adaln"})
 
 
 # --- HiPlot ---------------------------------------------------------------------------------------
@@ -208,7 +237,7 @@ def test_dry_run_prints_expected_and_ceiling_per_node_type() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "total trials: 930" in out
+    assert "total trials: 948" in out  # 32x3 paired + 48 TPE + (3 top + the default)x3 confirm + 2 baselines, x6
     found = re.findall(r"expected ([\d,.]+) (GPU-hours|CPU-core-hours), ceiling ([\d,.]+)", out)
     assert {unit for _, unit, _ in found} == {"GPU-hours", "CPU-core-hours"}
     hours = {unit: (float(e.replace(",", "")), float(c.replace(",", ""))) for e, unit, c in found}

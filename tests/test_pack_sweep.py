@@ -144,7 +144,7 @@ def test_dry_run_counts_pack_trials_per_phase(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "paired: 12 trials in 2 Ray trials (2 packs)" in out
     assert "optimize: 5 single trials" in out and "baseline: 1 single trials" in out
-    assert "confirm: 6 trials in 1..2 Ray trials" in out
+    assert "confirm: 9 trials in 2..3 Ray trials" in out  # the top 2 and the authors' default, 3 seeds each
     assert main(["--space", space, "--pack-size", "0", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "--pack-size=0 must be >= 1" in capsys.readouterr().err
 
@@ -204,7 +204,7 @@ def test_packed_sweep_rows_equal_solo_fits_and_the_report_runs(tmp_path, ray_add
     sweep = tmp_path / "packed"
     df = pd.read_parquet(sweep / "trials.parquet")
     assert list(df.columns) == columns()
-    assert df.groupby("phase").size().to_dict() == {"paired": 3, "confirm": 2, "baseline": 1}
+    assert df.groupby("phase").size().to_dict() == {"paired": 3, "confirm": 3, "baseline": 1}  # top 2 + default
     assert df["trial_id"].is_unique and (df["status"] == "completed").all()
     # one row per member job, each exactly once
     expected = _expected_jobs(sweep)

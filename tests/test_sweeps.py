@@ -86,7 +86,7 @@ def test_builtin_spaces_sample_only_valid_configs():
     smoke, paper = load_space("smoke"), load_space("paper")
     assert smoke.datasets == ("ml-100k",) and sum(Plan(
         name="s", space=smoke, datasets=smoke.datasets, baselines=smoke.baselines, metric="NDCG@20", seed=0,
-        max_users=0, data_dir=".", **smoke.counts()).counts().values()) == 17  # 12 paired + 4 confirm + 1 baseline
+        max_users=0, data_dir=".", **smoke.counts()).counts().values()) == 18  # 12 paired + 4 confirm + default + 1 baseline
     assert paper.params == () and paper.space_filling(3, 0) == [{}, {}, {}]
 
 
@@ -117,8 +117,8 @@ def test_dry_run_prints_counts_per_phase(tmp_path, capsys):
                  str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    # per dataset: 32 paired x 3 seeds + 5 TPE + 3 confirmed x 3 seeds + 2 baselines = 112
-    assert "ml-100k" in out and "baby" in out and "total trials: 224" in out
+    # per dataset: 32 paired x 3 seeds + 5 TPE + (3 confirmed + the default) x 3 seeds + 2 baselines = 115
+    assert "ml-100k" in out and "baby" in out and "total trials: 230" in out
     assert "CPU-core-hours" in out and not any(tmp_path.iterdir())
 
 
@@ -172,7 +172,7 @@ def test_two_dataset_sweep_writes_table_and_tensorboard(tmp_path, ray_address):
     assert list(df.columns) == columns()
     counts = df.groupby(["dataset", "phase"]).size().to_dict()
     assert counts == {(ds, ph): n for ds in ("ml-100k", "baby")
-                      for ph, n in (("paired", 2), ("optimize", 2), ("confirm", 1), ("baseline", 1))}
+                      for ph, n in (("paired", 2), ("optimize", 2), ("confirm", 2), ("baseline", 1))}
     assert df["trial_id"].is_unique and (df["sweep"] == "tiny").all()
     # only the optimise phase stops trials early (ASHA: the second trial of a dataset may fall below the first)
     assert set(df[df["phase"] != "optimize"]["status"]) == {"completed"}
@@ -184,10 +184,11 @@ def test_two_dataset_sweep_writes_table_and_tensorboard(tmp_path, ray_address):
     # paired: the same two configs on both datasets
     paired = df[df["phase"] == "paired"].set_index(["config_id", "dataset"])["lambda_uncertainty"].unstack()
     assert list(paired.index) == ["p000", "p001"] and (paired["ml-100k"] == paired["baby"]).all()
-    # confirm re-runs a config of the same dataset with a fresh seed
+    # confirm re-runs a config of the same dataset, and the authors' default, with a fresh seed
     confirm = df[df["phase"] == "confirm"]
     assert (confirm["seed"] == 2025 + 1000).all()
-    for _, row in confirm.iterrows():
+    assert (confirm.groupby("dataset")["config_id"].apply(lambda ids: "default" in set(ids))).all()
+    for _, row in confirm[confirm["config_id"] != "default"].iterrows():
         assert row["config_id"] in set(df[(df["dataset"] == row["dataset"]) & (df["phase"] != "confirm")]["config_id"])
     # each dataset's study holds exactly its two optimise trials, told their objective
     for ds in ("ml-100k", "baby"):
