@@ -10,11 +10,14 @@ the bucket `sweeps`, and the AWS_* variables pyarrow, boto3 and Ray Tune read to
 """
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,28 @@ def s3_env():
     finally:
         server.terminate()
         server.wait(30)
+
+
+def sigkill_sweep_when(cmd: list[str], cwd: str | os.PathLike, sweep: Path, *, finished: int, running: int,
+                       timeout: float) -> tuple[dict, str]:
+    """Start a sweep command in its own session and SIGKILL its whole process group as soon as the
+    sweep's progress.json shows at least `finished` trials done and `running` running. Returns the
+    last progress state and the tail of the command's stderr (for the assertion message)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    state: dict = {}
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                state = json.loads((sweep / "progress.json").read_text())
+            except (OSError, ValueError):
+                state = {}
+            if state.get("finished", 0) >= finished and state.get("running", 0) >= running:
+                break
+            time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    return state, proc.stderr.read()[-3000:]

@@ -11,10 +11,8 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +25,7 @@ from adrec.record import FINISHED, PACK_KEY, columns, member_jobs, pack_rows
 from sweeps.plan import Plan, SweepError, pack_jobs
 from sweeps.run import main
 from sweeps.spaces import parse_space
+from conftest import sigkill_sweep_when
 
 REPO = Path(__file__).resolve().parents[1]
 # A trial small enough for tests: 100 users, 16-d model, 1 + 1 + 2 epochs, evaluation every epoch.
@@ -273,24 +272,9 @@ def test_sigkill_mid_packed_sweep_then_resume_runs_each_member_once(tmp_path, ra
     sweep = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage", str(tmp_path),
            "--address", ray_address, "--pack-size", "2", "--no-report", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    state: dict = {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                state = json.loads((sweep / "progress.json").read_text())
-            except (OSError, ValueError):
-                state = {}
-            if state.get("finished", 0) >= 2 and state.get("running", 0) >= 2:  # a pack done, one running
-                break
-            time.sleep(0.3)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 2, (state, proc.stderr.read()[-3000:])
+    # killed once a pack is done and one is running
+    state, stderr = sigkill_sweep_when(cmd, REPO, sweep, finished=2, running=2, timeout=300)
+    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 2, (state, stderr)
     before = pd.read_parquet(sweep / "trials.parquet")
     assert len(before) < 6
     from sweeps.driver import known_trials

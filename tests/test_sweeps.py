@@ -7,10 +7,7 @@ cluster, so killing its process group kills only the driver.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from sweeps.plan import Plan
 from sweeps.run import main
 from sweeps.spaces import SpaceError, load_space, parse_space
 from adrec.record import columns
+from conftest import sigkill_sweep_when
 
 REPO = Path(__file__).resolve().parents[1]
 # A trial small enough for tests: ~100 users, 16-d model, 1 + 1 + 2 epochs, evaluation every epoch.
@@ -228,24 +226,8 @@ def test_sigkill_mid_sweep_then_resume_finishes_exactly(tmp_path, ray_address):
     sweep = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage", str(tmp_path),
            "--address", ray_address, "--no-report", "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    state = {}
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                state = json.loads((sweep / "progress.json").read_text())
-            except (OSError, ValueError):
-                state = {}
-            if state.get("finished", 0) >= 2 and state.get("running", 0) >= 1:
-                break
-            time.sleep(0.3)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 1, (state, proc.stderr.read()[-3000:])
+    state, stderr = sigkill_sweep_when(cmd, REPO, sweep, finished=2, running=1, timeout=240)
+    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 1, (state, stderr)
     before = pd.read_parquet(sweep / "trials.parquet")
 
     assert main(["--resume", "--name", "killed", "--storage", str(tmp_path), "--no-report", "--quiet"]) == 0
