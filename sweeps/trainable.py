@@ -118,11 +118,8 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
         for i, (result, cfg) in enumerate(zip(results, cfgs)):
             result["ray"] = {"trial_id": member_id(trial_id, i), "pack_id": trial_id, "node_id": node_id,
                              "resumed_from_epoch": 0}
-            val = result.get("val") or {}
-            final = {METRIC: val.get(cfg.select_metric, -math.inf), "final": 1,
-                     "diverged": int(result.get("status") == "diverged"), **{f"val_{k}": v for k, v in val.items()}}
             write_member_events(folder / member_id(trial_id, i), config[PACK_KEY][i]["config"], context.swept,
-                                [*evaluations[i], final])
+                                [*evaluations[i], final_metrics(result, cfg)])
         (folder / PACK_RESULTS).write_text(json.dumps(results, default=str))
         _maybe_fault(context.fault_once, trial_id)  # test hook: a crash after training, before the report
         tune.report(_pack_result(results, cfgs, node_id), checkpoint=tune.Checkpoint.from_directory(str(folder)))
@@ -149,14 +146,18 @@ def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id
     return out
 
 
+def final_metrics(result: dict[str, Any], cfg: TrialConfig) -> dict[str, Any]:
+    """A finished trial's last metrics for Tune: the selected model's validation values, `objective`,
+    `final=1` and `diverged` (a diverged run: the searcher records it as failed)."""
+    val = result.get("val") or {}
+    return {METRIC: val.get(cfg.select_metric, -math.inf), "final": 1,
+            "diverged": int(result.get("status") == "diverged"), **{f"val_{k}": v for k, v in val.items()}}
+
+
 def _report_final(result: dict[str, Any], cfg: TrialConfig, node_id: str, scratch: Path) -> None:
     """The last report: validation metrics of the selected model and `final=1`; test metrics only in
     the checkpoint. A diverged run sets `diverged=1` and the searcher records it as failed."""
-    val = result.get("val") or {}
-    objective = val.get(cfg.select_metric, -math.inf)
-    out: dict[str, Any] = {METRIC: objective, "final": 1, "diverged": int(result.get("status") == "diverged"),
-                           "node_id": node_id}
-    out.update({f"val_{k}": v for k, v in val.items()})
+    out = {**final_metrics(result, cfg), "node_id": node_id}
     folder = scratch / "final"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FIT_RESULT).write_text(json.dumps(result, default=str))
