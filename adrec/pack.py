@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -343,11 +343,16 @@ class Part:
     mse_share: float
 
 
+OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member index: its finished record})
+
+
 class Pack:
     """The members still training and their stacked model; `run` trains them to their ends."""
 
-    def __init__(self, members: list[Member], splits: Splits, device: torch.device):
+    def __init__(self, members: list[Member], splits: Splits, device: torch.device,
+                 on_epoch: OnEpoch | None = None):
         self.members, self.splits, self.device = members, splits, device
+        self.on_epoch = on_epoch
         self.layout = Layout(rngs=[m.rng for m in members])
         self.model = stack_models([m.solo for m in members], self.layout).to(device)
         self.params = list(self.model.parameters())
@@ -658,17 +663,27 @@ class Pack:
                     leaving.append(m)
                 elif self._after_epoch(member, m, epoch):
                     leaving.append(m)
+            done = {self.members[m].index: self.members[m].result for m in leaving}
             if leaving:
                 self._leave(leaving)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, done)
 
 
 # ---------------------------------------------------------------------------------------------
 # fit_pack
 # ---------------------------------------------------------------------------------------------
 def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | None = None, *,
-             stage1_cache: str | Path | None = None, code_version: str | None = None) -> list[dict[str, Any]]:
+             stage1_cache: str | Path | None = None, code_version: str | None = None,
+             on_epoch: OnEpoch | None = None) -> list[dict[str, Any]]:
     """Train the configs as one pack (see the module docstring) and return one record per config,
-    in order, as `fit` returns it. Checkpoints are not written: each report's path is None."""
+    in order, as `fit` returns it. Checkpoints are not written: each report's path is None.
+
+    `on_epoch(epoch, done)` is called after every stage-2/3 epoch of the pack, once the members'
+    reports of that epoch are made, with the records of the members that left the pack in it (by
+    member index; complete: a caller may keep them before the pack ends). Members that never join
+    (stage 1 diverged) are handed over at epoch 0.
+    """
     cfgs = list(cfgs)
     check_packable(cfgs)
     reports = list(reports) if reports is not None else [None] * len(cfgs)
@@ -687,8 +702,11 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
         results.append(member.result)
         if member.result["status"] == "completed":
             members.append(member)
+    never_joined = {i: r for i, r in enumerate(results) if r["status"] != "completed"}
+    if never_joined and on_epoch is not None:
+        on_epoch(0, never_joined)
     if members:
-        Pack(members, splits, device).run()
+        Pack(members, splits, device, on_epoch).run()
     return results
 
 

@@ -26,6 +26,7 @@ from adrec.config import METRICS, TrialConfig, active_values, field_names
 TABLE_FILE = "trials.parquet"
 FIT_RESULT = "fit_result.json"  # the fit record a trial leaves in its last checkpoint
 PACK_RESULTS = "pack_results.json"  # a pack trial's last checkpoint: the members' fit records, in order
+PACK_PROGRESS = "pack_progress.json"  # an optimise pack's checkpoint while it trains: evaluations, finished records
 PACK_KEY = "pack"  # a pack trial's Ray config: {"phase", "dataset", "job", "config_id", "pack": [member jobs]}
 PHASES: tuple[str, ...] = ("paired", "optimize", "confirm", "baseline")
 # completed: ran its budget or stopped by its own patience; pruned: stopped by the sweep's scheduler
@@ -138,18 +139,26 @@ def member_jobs(config: Mapping[str, Any]) -> list[Any]:
 
 def pack_rows(*, sweep: str, trial_id: str, config: Mapping[str, Any], ray_status: str,
               results: list[Mapping[str, Any]] | None, error: str | None,
-              env: Mapping[str, str]) -> list[dict[str, Any]]:
+              env: Mapping[str, str], progress: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """The rows of one pack trial: one per member, as its solo trial's row would be (none while the
-    pack is unfinished). `results` are the members' fit records from the pack's final checkpoint;
-    without them (the pack crashed after its retries) every member is `failed` with the pack's error."""
+    pack is unfinished). `results` are the members' fit records from the pack's final checkpoint.
+    Without them, `progress` (an optimise pack's last `PACK_PROGRESS`) gives what the pack had
+    done when it stopped: the records of the members that had finished, and for the others their
+    evaluations so far (pruned when the scheduler stopped the pack, failed when it crashed). With
+    neither, every member of a finished pack is `failed` with the pack's error."""
     members = config[PACK_KEY]
     assert results is None or len(results) == len(members), f"pack trial {trial_id}: one result per member"
-    if results is None and ray_status in FINISHED:  # no records to show: every member failed
+    finished = {int(i): r for i, r in ((progress or {}).get("finished") or {}).items()}
+    evaluations = (progress or {}).get("evaluations") or [[] for _ in members]
+    if results is None and progress is None and ray_status in FINISHED:  # no records to show: every member failed
         ray_status, error = "ERROR", error or "the pack ended without its members' results"
     rows = []
     for i, member in enumerate(members):
-        row = trial_row(sweep=sweep, trial_id=member_id(trial_id, i), config=member["config"], ray_status=ray_status,
-                        history=None, fit_result=results[i] if results is not None else None, error=error,
+        record = results[i] if results is not None else finished.get(i)
+        history = None if record is not None or not evaluations[i] else pd.DataFrame(evaluations[i])
+        status = "TERMINATED" if record is not None and ray_status in FINISHED else ray_status
+        row = trial_row(sweep=sweep, trial_id=member_id(trial_id, i), config=member["config"], ray_status=status,
+                        history=history, fit_result=record, error=error if record is None else None,
                         env=env, pack_id=trial_id)
         if row is not None:
             rows.append(row)

@@ -68,7 +68,7 @@ class Driver:
                                 code_version=self.env["code_version"],
                                 swept=tuple(p.field for p in plan.space.params))
         self.deadline = time.time() + args.time_budget if args.time_budget else None
-        self.pack_size = int(getattr(args, "pack_size", None) or 1)  # members per Ray trial in paired/confirm
+        self.pack_size = int(getattr(args, "pack_size", None) or 1)  # members per Ray trial (baselines: 1)
         self.study_names = {ds: f"{plan.name}/{dataset_key(ds)}" for ds in plan.datasets}
         self._in_fit = False
         self._signalled: str | None = None
@@ -237,7 +237,7 @@ class Driver:
             searcher = StudySearcher(
                 study_names=self.study_names, space=self.plan.space,
                 base_configs={ds: self.plan.base_config(ds) for ds in self.plan.datasets},
-                num_samples=self.plan.num_samples, seed=self.plan.seed)
+                num_samples=self.plan.num_samples, seed=self.plan.seed, pack_size=self.pack_size)
             scheduler = self.asha()
         else:
             jobs = self.jobs(phase)

@@ -160,7 +160,7 @@ class Plan:
 # --------------------------------------------------------------------------------------------------
 # Packs: the fixed phases' jobs grouped into pack trials (--pack-size)
 # --------------------------------------------------------------------------------------------------
-PACKED_PHASES = ("paired", "confirm")  # fixed job lists; optimise asks TPE one trial at a time, baselines are not ADRec
+PACKED_PHASES = ("paired", "confirm")  # fixed job lists (optimise packs are asked of TPE: StudySearcher)
 
 
 def pack_jobs(jobs: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
@@ -194,7 +194,7 @@ def pack_jobs(jobs: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     for configs in groups.values():
         for members in _fill(configs, size):
             check_packable([split_config(m["config"])[0] for m in members])
-            out.append(members[0] if len(members) == 1 else _pack_job(members))
+            out.append(members[0] if len(members) == 1 else pack_job(members))
     return out
 
 
@@ -216,7 +216,8 @@ def _fill(configs: list[list[dict[str, Any]]], size: int) -> list[list[dict[str,
     return packs
 
 
-def _pack_job(members: list[dict[str, Any]]) -> dict[str, Any]:
+def pack_job(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Member jobs ({"job", "config"}) -> one pack job: `{"job": <first job>+<others>, "config": ...}`."""
     first = members[0]["config"]
     ids = list(dict.fromkeys(str(m["config"].get("config_id")) for m in members))
     key = f"{members[0]['job']}+{len(members) - 1}"
@@ -444,4 +445,4 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["NODE_TYPES", "PACKED_PHASES", "PHASES", "NodeType", "Plan", "Speed", "SweepError", "cost_lines", "dataset_key",
-           "estimate_cost", "full_config", "pack_counts", "pack_jobs", "parse_metric", "trial_seconds", "write_json"]
+           "estimate_cost", "full_config", "pack_counts", "pack_job", "pack_jobs", "parse_metric", "trial_seconds", "write_json"]

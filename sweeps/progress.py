@@ -31,13 +31,13 @@ from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
 from adrec.config import KNOBS
-from adrec.record import (FIT_RESULT, PACK_KEY, PACK_RESULTS, TABLE_FILE, RecordError, dataset_key, is_pack,
+from adrec.record import (FIT_RESULT, PACK_KEY, PACK_PROGRESS, PACK_RESULTS, TABLE_FILE, RecordError, dataset_key, is_pack,
                           member_jobs, pack_rows, read_table, to_frame, trial_row, write_json, write_table)
 from sweeps import storage
 from sweeps.searchers import read_runtime
 from sweeps.spaces import BASELINES
 from sweeps.storage import storage_failure
-from sweeps.table import read_error, read_fit_result, read_pack_results
+from sweeps.table import read_error, read_fit_result, read_pack_progress, read_pack_results
 
 log = logging.getLogger("sweeps.progress")
 PROGRESS_FILE = "progress.json"
@@ -145,7 +145,8 @@ class SweepProgress(tune.Callback):
         try:
             if is_pack(trial.config):
                 new = pack_rows(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
-                                results=_checkpoint_json(trial, PACK_RESULTS), error=error, env=self.env)
+                                results=_checkpoint_json(trial, PACK_RESULTS), error=error, env=self.env,
+                                progress=_checkpoint_json(trial, PACK_PROGRESS))
             else:
                 row = trial_row(sweep=self.sweep, trial_id=trial.trial_id, config=trial.config, ray_status=ray_status,
                                 history=_history(trial), fit_result=_checkpoint_json(trial, FIT_RESULT), error=error,
@@ -313,7 +314,7 @@ def _history(trial: Any) -> pd.DataFrame:
 
 
 def _checkpoint_json(trial: Any, name: str) -> Any:
-    """`name` (FIT_RESULT, PACK_RESULTS) from the trial's last checkpoint, or None."""
+    """`name` (FIT_RESULT, PACK_RESULTS, PACK_PROGRESS) from the trial's last checkpoint, or None."""
     ckpt = trial.checkpoint
     if ckpt is None:
         return None
@@ -324,7 +325,8 @@ def _checkpoint_json(trial: Any, name: str) -> Any:
     except Exception:  # noqa: BLE001 - fall back to the storage copy
         if not trial.path:
             return None
-        return read_pack_results(trial.path) if name == PACK_RESULTS else read_fit_result(trial.path)
+        readers = {PACK_RESULTS: read_pack_results, PACK_PROGRESS: read_pack_progress}
+        return readers.get(name, read_fit_result)(trial.path)
 
 
 def best_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -75,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "value as `objective`")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves")
     a("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions share one GPU")
-    a("--pack-size", type=int, help="train up to K trials of the paired and confirm phases as one pack (one Ray "
-                                    "trial, one process, one model with a member axis; same dataset and "
-                                    "architecture); 1 = one trial per Ray trial (default: 1, or the value the "
-                                    "sweep last ran with when resuming)")
+    a("--pack-size", type=int, help="train up to K ADRec trials as one pack (one Ray trial, one process, one "
+                                    "model with a member axis; same dataset and architecture): the paired and "
+                                    "confirm phases' jobs, and K configs asked of TPE at once in the optimise "
+                                    "phase; 1 = one trial per Ray trial (default: 1, or the value the sweep last "
+                                    "ran with when resuming)")
     a("--max-concurrent", type=int, default=0, help="most trials running at once (0 = as many as resources allow)")
     a("--max-failures", type=int, default=2, help="retries of a crashed trial, each from its last checkpoint")
     a("--address", help="Ray cluster to join: host:port of its head, or 'auto' for the cluster `ray start` "
@@ -161,16 +162,18 @@ def make_plan(args: argparse.Namespace) -> "Plan":
 
 
 def pack_lines(plan: "Plan", size: int) -> list[str]:
-    """--dry-run with --pack-size: Ray trials per phase (all datasets) when packs run the fixed phases."""
+    """--dry-run with --pack-size: Ray trials per phase (all datasets) when packs run."""
     from sweeps.plan import confirm_ray_trials, pack_counts
 
     ray_trials, packs = pack_counts(plan.paired_jobs(plan.paired_configs()), size)
     n, counts = len(plan.datasets), plan.counts()
     least, most = confirm_ray_trials(plan, size)
     single = f", {ray_trials - packs} single" if ray_trials > packs else ""
-    return [f"packs (--pack-size {size}; paired and confirm run as packs, a pack is one Ray trial):",
+    per_study = -(-counts["optimize"] // size)  # each study's trials, asked K at a time
+    return [f"packs (--pack-size {size}; a pack is one Ray trial):",
             f"  paired: {n * counts['paired']} trials in {ray_trials} Ray trials ({packs} packs{single})",
-            f"  optimize: {n * counts['optimize']} single trials",
+            f"  optimize: {n * counts['optimize']} trials in {n * per_study} Ray trials (TPE asks up to {size} "
+            "configs of one architecture at once)",
             f"  confirm: {n * counts['confirm']} trials in {least}..{most} Ray trials (its configs are chosen "
             "during the sweep; configs of another architecture never share a pack)",
             f"  baseline: {n * counts['baseline']} single trials",

@@ -30,8 +30,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from adrec.config import TrialConfig
-from adrec.record import FINISHED, dataset_key, outcome
+from adrec.record import FINISHED, dataset_key, member_id, outcome
 from sweeps import storage
+from sweeps.plan import pack_job
 from sweeps.spaces import Space
 
 log = logging.getLogger("sweeps.searchers")
@@ -114,13 +115,20 @@ class StudySearcher(_LiveLimit, Searcher):
     progresses together; the study of that dataset suggests its config (define-by-run, conditional
     knobs under distinct names). Completed trials are told their objective, trials stopped by the
     scheduler are PRUNED, diverged and crashed ones FAIL.
+
+    With `pack_size` K > 1 a Ray trial is a pack of up to K Optuna trials of one study, asked at
+    once (constant liar): the first as TPE likes, the others with the first one's architecture
+    knobs (`adrec.pack.PACK_FIELDS`) fixed (`optuna.samplers.PartialFixedSampler`), so they can
+    share one network. Each member is its own Optuna trial (`ray_trial_id` = the member's trial id,
+    `pack_id` = the Ray trial), told its own intermediate values, objective and outcome.
     """
 
     _LAZY = "_studies"
 
     def __init__(self, *, study_names: Mapping[str, str], space: Space, base_configs: Mapping[str, dict[str, Any]],
-                 num_samples: int, seed: int) -> None:
+                 num_samples: int, seed: int, pack_size: int = 1) -> None:
         super().__init__()
+        self.pack_size = pack_size
         self.study_names = dict(study_names)  # dataset -> study name
         self.space = space
         self.base_configs = {k: dict(v) for k, v in base_configs.items()}
@@ -164,74 +172,106 @@ class StudySearcher(_LiveLimit, Searcher):
         if not self._room():
             return None
         ds = min(open_, key=lambda d: (claimed[d], list(studies).index(d)))
-        study = studies[ds]
-        if orphans[ds]:
-            frozen = orphans[ds][0]
-            trial = optuna.trial.Trial(study, frozen._trial_id)  # the storage id of that trial
-            log.info("trial %s adopts orphaned Optuna trial %d of %s", trial_id, frozen.number, ds)
-            trial.set_user_attr("orphan", False)
-            trial.set_user_attr("adopted_from", frozen.user_attrs.get("ray_trial_id"))
-            trial.set_user_attr("ray_trial_id", trial_id)
-            values = dict(frozen.user_attrs["config"])
-            number = frozen.number
-        else:
-            trial, values = self._ask_valid(study, ds)
-            trial.set_user_attr("ray_trial_id", trial_id)
-            number = trial.number
+        size = max(1, min(self.pack_size, self.num_samples - claimed[ds]))
+        members: list[dict[str, Any]] = []
+        for i in range(size):
+            own_id = trial_id if size == 1 else member_id(trial_id, i)
+            arch = _architecture(members[0]["config"]) if members else None
+            members.append(self._claim(studies[ds], ds, own_id, orphans[ds], arch))
+            if size > 1:
+                optuna.trial.Trial(studies[ds], members[-1]["storage_id"]).set_user_attr("pack_id", trial_id)
         self._track(trial_id, True)
         storage.current().push(JOURNAL)  # before Ray records the trial: the bucket's journal knows it first
-        cfg = TrialConfig.from_dict({**self.base_configs[ds], **values}).to_dict()
-        return {**cfg, "phase": "optimize", "config_id": optimize_config_id(dataset_key(ds), number),
-                "job": f"optimize/{dataset_key(ds)}/{number}"}
+        jobs = [{"job": m["config"]["job"], "config": m["config"]} for m in members]
+        return jobs[0]["config"] if size == 1 else pack_job(jobs)["config"]
 
-    def _ask_valid(self, study: optuna.Study, ds: str) -> tuple[optuna.Trial, dict[str, Any]]:
+    def _claim(self, study: optuna.Study, ds: str, own_id: str, orphans: list[optuna.trial.FrozenTrial],
+               arch: tuple | None) -> dict[str, Any]:
+        """One Optuna trial for the Ray trial (or pack member) `own_id`: an orphan of the architecture
+        `arch` (any, when None) if there is one, else a new ask with that architecture fixed."""
+        fits = [t for t in orphans if arch is None or _architecture(self._config(ds, t.user_attrs["config"])) == arch]
+        if fits:
+            frozen = fits[0]
+            orphans.remove(frozen)
+            trial = optuna.trial.Trial(study, frozen._trial_id)  # the storage id of that trial
+            log.info("trial %s adopts orphaned Optuna trial %d of %s", own_id, frozen.number, ds)
+            trial.set_user_attr("orphan", False)
+            trial.set_user_attr("adopted_from", frozen.user_attrs.get("ray_trial_id"))
+            values, number, storage_id = dict(frozen.user_attrs["config"]), frozen.number, frozen._trial_id
+        else:
+            trial, values = self._ask_valid(study, ds, arch)
+            number, storage_id = trial.number, trial._trial_id
+        trial.set_user_attr("ray_trial_id", own_id)
+        config = {**self._config(ds, values), "phase": "optimize",
+                  "config_id": optimize_config_id(dataset_key(ds), number), "job": f"optimize/{dataset_key(ds)}/{number}"}
+        return {"config": config, "storage_id": storage_id}
+
+    def _config(self, ds: str, values: Mapping[str, Any]) -> dict[str, Any]:
+        return TrialConfig.from_dict({**self.base_configs[ds], **values}).to_dict()
+
+    def _ask_valid(self, study: optuna.Study, ds: str, arch: tuple | None = None
+                   ) -> tuple[optuna.Trial, dict[str, Any]]:
         """Ask TPE until the config is a valid TrialConfig; an invalid one is told FAIL (`invalid`).
+        With `arch` (a pack's architecture) the space's architecture knobs are fixed to it.
 
         `validate_space` rejects spaces that can sample invalid configs before the sweep starts, so
         this loop is a guard, not a path taken in practice.
         """
-        for _ in range(100):
-            trial = study.ask()
-            values = self.space.sample(trial)
-            try:
-                TrialConfig.from_dict({**self.base_configs[ds], **values})
-            except ValueError as exc:
-                log.warning("study %s sampled an invalid config (%s); resampling", study.study_name, exc)
-                trial.set_user_attr("invalid", str(exc))
-                study.tell(trial, state=TrialState.FAIL)
-                continue
-            trial.set_user_attr("config", values)
-            return trial, values
+        sampler = study.sampler
+        if arch is not None:
+            fixed = dict(zip(_arch_fields(), arch))
+            study.sampler = optuna.samplers.PartialFixedSampler(
+                {p.name: fixed[p.field] for p in self.space.params if p.field in fixed}, sampler)
+        try:
+            for _ in range(100):
+                trial = study.ask()
+                values = self.space.sample(trial)
+                try:
+                    config = self._config(ds, values)
+                    if arch is not None and _architecture(config) != arch:  # a branch the fixed knobs did not reach
+                        raise ValueError(f"architecture {_architecture(config)} is not the pack's {arch}")
+                except ValueError as exc:
+                    log.warning("study %s sampled an invalid config (%s); resampling", study.study_name, exc)
+                    trial.set_user_attr("invalid", str(exc))
+                    study.tell(trial, state=TrialState.FAIL)
+                    continue
+                trial.set_user_attr("config", values)
+                return trial, values
+        finally:
+            study.sampler = sampler
         raise RuntimeError(f"study {study.study_name!r}: 100 invalid configs in a row; the space is broken")
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._track(trial_id, True)
         if result.get("final") or "objective" not in result:
             return
-        found = self._find(trial_id)
-        if found is None or found[1].state != TrialState.RUNNING:
-            return
-        value, step = float(result["objective"]), int(result.get("training_iteration", 0))
-        if math.isfinite(value) and step not in found[1].intermediate_values:
-            optuna.trial.Trial(found[0], found[1]._trial_id).report(value, step)
+        step = int(result.get("training_iteration", 0))
+        values = result.get("member_objectives")
+        ids = [trial_id] if values is None else [member_id(trial_id, i) for i in range(len(values))]
+        for own_id, value in zip(ids, [result["objective"]] if values is None else values):
+            found = self._find(own_id)
+            if found is None or found[1].state != TrialState.RUNNING or value is None:
+                continue
+            if math.isfinite(float(value)) and step not in found[1].intermediate_values:
+                optuna.trial.Trial(found[0], found[1]._trial_id).report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._track(trial_id, False)
-        found = self._find(trial_id)
-        if found is None:
-            log.warning("Ray trial %s has no Optuna trial; nothing to tell", trial_id)
-            return
-        study, frozen = found
-        if frozen.state.is_finished():  # told before a kill; the resumed trial re-finished
-            return
-        tell(study, frozen, outcome(result, error), result)
+        ids = [t.user_attrs["ray_trial_id"] for study in self.studies().values()
+               for t in study.get_trials(deepcopy=False) if t.user_attrs.get("pack_id") == trial_id] or [trial_id]
+        for own_id in ids:
+            found = self._find(own_id)
+            if found is None:
+                log.warning("Ray trial %s has no Optuna trial; nothing to tell", own_id)
+                continue
+            study, frozen = found
+            if frozen.state.is_finished():  # told before a kill; the resumed trial re-finished
+                continue
+            tell(study, frozen, *member_outcome(result, member_index(own_id) if own_id != trial_id else None, error))
         storage.current().push(JOURNAL)
 
 
-
-def tell(study: optuna.Study, frozen: optuna.trial.FrozenTrial, status: str,
-         result: Mapping[str, Any] | None) -> None:
-    value = float((result or {}).get("objective", math.nan))
+def tell(study: optuna.Study, frozen: optuna.trial.FrozenTrial, status: str, value: float) -> None:
     optuna.trial.Trial(study, frozen._trial_id).set_user_attr("status", status)
     if status == "completed" and math.isfinite(value):
         study.tell(frozen.number, value, skip_if_finished=True)
@@ -239,6 +279,35 @@ def tell(study: optuna.Study, frozen: optuna.trial.FrozenTrial, status: str,
         study.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
     else:  # diverged, failed, or a completed run without a finite objective
         study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def member_outcome(result: Mapping[str, Any] | None, index: int | None, error: bool) -> tuple[str, float]:
+    """(status, objective) of a solo trial (`index` None) or of member `index` of a pack trial, from
+    the Ray trial's last result: a member that had finished keeps its own outcome, the others
+    share the pack's (pruned when the scheduler stopped it, failed when it crashed)."""
+    result = result or {}
+    if index is None:
+        return outcome(result, error), float(result.get("objective", math.nan))
+    values, statuses = result.get("member_objectives") or [], result.get("member_status") or []
+    value = values[index] if index < len(values) and values[index] is not None else math.nan
+    status = statuses[index] if index < len(statuses) else None
+    return str(status or ("failed" if error else "pruned")), float(value)
+
+
+def member_index(own_id: str) -> int:
+    """The member's position in its pack, from its trial id `<pack id>-m<i>`."""
+    return int(own_id.rsplit("-m", 1)[1])
+
+
+def _arch_fields() -> tuple[str, ...]:
+    from adrec.pack import PACK_FIELDS  # imported here: the searchers' module does not load torch
+
+    return PACK_FIELDS
+
+
+def _architecture(config: Mapping[str, Any]) -> tuple:
+    """What pack members must share (`adrec.pack.PACK_FIELDS`), from a full config."""
+    return tuple(config.get(f) for f in _arch_fields())
 
 
 def journal_storage(path: str) -> optuna.storages.JournalStorage:
@@ -267,13 +336,13 @@ def reconcile_studies(journal: str, study_names: Mapping[str, str], known: Mappi
             continue
         study = optuna.load_study(study_name=name, storage=store)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            rid = t.user_attrs.get("ray_trial_id")
-            info = known.get(rid)
+            info = known.get(t.user_attrs.get("pack_id") or t.user_attrs.get("ray_trial_id"))
             if info is None:
                 optuna.trial.Trial(study, t._trial_id).set_user_attr("orphan", True)
                 counts["orphaned"] += 1
             elif info["status"] in FINISHED:
-                tell(study, t, outcome(info.get("last_result"), info["status"] == "ERROR"), info.get("last_result"))
+                index = member_index(t.user_attrs["ray_trial_id"]) if t.user_attrs.get("pack_id") else None
+                tell(study, t, *member_outcome(info.get("last_result"), index, info["status"] == "ERROR"))
                 counts["told"] += 1
             else:
                 counts["resumed"] += 1

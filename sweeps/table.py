@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pandas as pd
 
-from adrec.record import (FINISHED, FIT_RESULT, PACK_RESULTS, TABLE_FILE, RecordError, columns, is_pack, pack_rows,
+from adrec.record import (FINISHED, FIT_RESULT, PACK_PROGRESS, PACK_RESULTS, TABLE_FILE, RecordError, columns, is_pack, pack_rows,
                           read_table, to_frame, trial_row, write_table)
 
 log = logging.getLogger("sweeps.table")
@@ -41,6 +41,12 @@ def read_fit_result(trial_dir: str | os.PathLike) -> dict[str, Any] | None:
 def read_pack_results(trial_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
     """The members' fit records a pack trial left in its final checkpoint (None before it finished)."""
     found = sorted(Path(trial_dir).glob(f"checkpoint_*/{PACK_RESULTS}"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def read_pack_progress(trial_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What an optimise pack had done at its last report (`PACK_PROGRESS`; None for other trials)."""
+    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{PACK_PROGRESS}"))
     return json.loads(found[-1].read_text()) if found else None
 
 
@@ -76,7 +82,8 @@ def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, s
             if is_pack(trial.config):  # one row per member, each with its own id
                 for row in pack_rows(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
                                      ray_status=trial.status, results=read_pack_results(trial_dir),
-                                     error=read_error(trial_dir), env=env):
+                                     error=read_error(trial_dir), env=env,
+                                     progress=read_pack_progress(trial_dir)):
                     rows[row["trial_id"]] = row
                 continue
             row = trial_row(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
@@ -100,4 +107,4 @@ def quiet_analysis() -> Iterator[None]:
 
 
 __all__ = ["FINISHED", "FIT_RESULT", "TABLE_FILE", "RecordError", "build_rows", "columns", "quiet_analysis", "read_error",
-           "read_fit_result", "read_pack_results", "read_table", "to_frame", "trial_row", "versions", "write_table"]
+           "read_fit_result", "read_pack_progress", "read_pack_results", "read_table", "to_frame", "trial_row", "versions", "write_table"]

@@ -6,7 +6,8 @@ reach the tuner: the test metrics of the selected model travel inside the final 
 (`fit_result.json`), which no scheduler or searcher reads, and the trial table picks them up there.
 
 A pack trial (`--pack-size`, a config with a `pack` list) trains its members with
-`adrec.pack.fit_pack` and reports once, at the end (`run_pack`).
+`adrec.pack.fit_pack` (`run_pack`): it reports once, at the end, and in the optimise phase also
+once per evaluation round (`PackProgress`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 from ray import tune
 
 from adrec.config import TrialConfig
-from adrec.record import FIT_RESULT, PACK_KEY, PACK_RESULTS, is_pack, member_id, split_config
+from adrec.record import FIT_RESULT, PACK_KEY, PACK_PROGRESS, PACK_RESULTS, is_pack, member_id, split_config
 
 log = logging.getLogger("sweeps.trainable")
 
@@ -86,12 +87,14 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
 
 def run_pack(config: dict[str, Any], context: TrialContext) -> None:
-    """Train a pack trial's members as one model (`adrec.pack.fit_pack`) and report once at the end.
+    """Train a pack trial's members as one model (`adrec.pack.fit_pack`).
 
-    A pack writes no checkpoint while it trains: a retry or a resumed sweep trains it again from
-    the start. Its final checkpoint holds every member's fit record (`pack_results.json`, in member
-    order); the one report Ray sees carries the best member's validation metrics as `objective`
-    (only validation metrics reach the tuner, as for a solo trial).
+    A pack writes no model checkpoint while it trains: a retry or a resumed sweep trains it again
+    from the start. Its final checkpoint holds every member's fit record (`pack_results.json`, in
+    member order); the one report Ray sees there carries the best member's validation metrics as
+    `objective` (only validation metrics reach the tuner, as for a solo trial) and each member's
+    objective and status. In the optimise phase a pack also reports every evaluation round as it
+    trains (`PackProgress`), so the scheduler can stop it as it stops a solo trial.
     """
     from adrec.pack import fit_pack
     from sweeps.progress import write_member_events
@@ -103,16 +106,22 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
     restored = tune.get_checkpoint()
     scratch = Path(tempfile.mkdtemp(prefix="adrec-pack-"))
     try:
-        if restored is not None:  # only the final checkpoint exists: the pack had finished; report it again
+        reported_epoch = 0
+        if restored is not None:
             folder = Path(restored.to_directory(str(scratch / "resume")))
-            if (folder / PACK_RESULTS).exists():
+            if (folder / PACK_RESULTS).exists():  # the pack had finished: report its end again
                 results = json.loads((folder / PACK_RESULTS).read_text())
                 tune.report(_pack_result(results, cfgs, node_id),
                             checkpoint=tune.Checkpoint.from_directory(str(folder)))
                 return
-        evaluations: list[list[dict[str, Any]]] = [[] for _ in cfgs]  # each member's reports, for TensorBoard
+            if (folder / PACK_PROGRESS).exists():  # it trains again, silent up to the round it had reported
+                reported_epoch = int(json.loads((folder / PACK_PROGRESS).read_text())["epoch"])
+                log.info("pack %s trains again; it reports again after epoch %d", trial_id, reported_epoch)
+        live = (PackProgress(config, context, trial_id, node_id, scratch, reported_epoch)
+                if config.get("phase") == "optimize" else None)
+        evaluations = live.evaluations if live else [[] for _ in cfgs]  # each member's reports, for TensorBoard
         results = fit_pack(cfgs, [_collector(e) for e in evaluations], stage1_cache=context.stage1_cache,
-                           code_version=context.code_version)
+                           code_version=context.code_version, on_epoch=live.on_epoch if live else None)
         folder = scratch / "final"
         folder.mkdir(parents=True)
         for i, (result, cfg) in enumerate(zip(results, cfgs)):
@@ -125,6 +134,55 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
         tune.report(_pack_result(results, cfgs, node_id), checkpoint=tune.Checkpoint.from_directory(str(folder)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class PackProgress:
+    """An optimise-phase pack's reports while it trains: one Tune report per evaluation round.
+
+    The pack is what the scheduler sees: a round's `objective` is the best member's best-so-far
+    value, so ASHA stops a pack when even its best member falls behind the rung (members stop
+    one by one only by their own patience and budget). `member_objectives` and `member_status`
+    (null while the member trains) let the searcher report each member to its Optuna trial. Each
+    report's checkpoint holds `pack_progress.json`: the members' evaluations so far and the records
+    of those that finished, which give the rows of a pack the scheduler stopped, and each member's
+    TensorBoard run so far. A pack that trains again after a crash stays silent up to the round it
+    had reported (`reported_epoch`), so Ray's iteration count and the rounds agree.
+    """
+
+    def __init__(self, config: dict[str, Any], context: TrialContext, trial_id: str, node_id: str, scratch: Path,
+                 reported_epoch: int = 0) -> None:
+        self.members, self.swept, self.trial_id = config[PACK_KEY], context.swept, trial_id
+        self.node_id, self.scratch, self.reported_epoch = node_id, scratch, reported_epoch
+        self.evaluations: list[list[dict[str, Any]]] = [[] for _ in self.members]
+        self.finished: dict[int, dict[str, Any]] = {}
+        self._seen = 0  # evaluations counted at the last report
+
+    def on_epoch(self, epoch: int, done: dict[int, dict[str, Any]]) -> None:
+        from sweeps.progress import write_member_events
+
+        self.finished.update(done)
+        count = sum(map(len, self.evaluations))
+        if count == self._seen:
+            return
+        self._seen = count
+        if epoch <= self.reported_epoch:
+            return
+        folder = self.scratch / f"progress_{epoch:05d}"
+        folder.mkdir(parents=True)
+        (folder / PACK_PROGRESS).write_text(json.dumps(
+            {"epoch": epoch, "evaluations": self.evaluations,
+             "finished": {str(i): r for i, r in self.finished.items()}}, default=str))
+        for i, member in enumerate(self.members):
+            write_member_events(folder / member_id(self.trial_id, i), member["config"], self.swept, self.evaluations[i])
+        tune.report(self.metrics(epoch), checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def metrics(self, epoch: int) -> dict[str, Any]:
+        best = [e[-1]["objective"] if e else None for e in self.evaluations]  # `objective` is best-so-far
+        status = [self.finished[i].get("status") if i in self.finished else None for i in range(len(self.members))]
+        finite = [v for v in best if v is not None and math.isfinite(v)]
+        return {METRIC: max(finite) if finite else -math.inf, "epoch": epoch, "node_id": self.node_id,
+                "pack_size": len(self.members), "member_objectives": best, "member_status": status}
 
 
 def _collector(into: list[dict[str, Any]]) -> Any:
@@ -141,7 +199,8 @@ def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id
     val = (results[best[1]].get("val") or {}) if best else {}
     out: dict[str, Any] = {METRIC: best[0] if best else -math.inf, "final": 1,
                            "diverged": int(all(r.get("status") == "diverged" for r in results)),
-                           "node_id": node_id, "pack_size": len(results), "best_member": best[1] if best else -1}
+                           "node_id": node_id, "pack_size": len(results), "best_member": best[1] if best else -1,
+                           "member_objectives": [v for v, _ in values], "member_status": [r.get("status") for r in results]}
     out.update({f"val_{k}": v for k, v in val.items()})
     return out
 

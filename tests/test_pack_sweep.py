@@ -142,7 +142,7 @@ def test_dry_run_counts_pack_trials_per_phase(tmp_path, capsys):
     assert main(["--space", space, "--pack-size", "6", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "paired: 12 trials in 2 Ray trials (2 packs)" in out
-    assert "optimize: 5 single trials" in out and "baseline: 1 single trials" in out
+    assert "optimize: 5 trials in 1 Ray trials" in out and "baseline: 1 single trials" in out
     assert "confirm: 9 trials in 2..3 Ray trials" in out  # the top 2 and the authors' default, 3 seeds each
     assert main(["--space", space, "--pack-size", "0", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
     assert "--pack-size=0 must be >= 1" in capsys.readouterr().err
