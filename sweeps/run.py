@@ -35,6 +35,7 @@ from sweeps.storage import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, resum
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = REPO / "runs"
 SWEEP_FILE = "sweep.json"
+AUTO = "auto"  # --pack-size auto: measured before the sweep (sweeps.pack_probe)
 BUILTIN_SPACES = ("smoke", "paper", "full")  # sweeps.spaces.BUILTIN (a test keeps them equal)
 
 
@@ -75,11 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                                               "value as `objective`")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves")
     a("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions share one GPU")
-    a("--pack-size", type=int, help="train up to K ADRec trials as one pack (one Ray trial, one process, one "
-                                    "model with a member axis; same dataset and architecture): the paired and "
-                                    "confirm phases' jobs, and K configs asked of TPE at once in the optimise "
-                                    "phase; 1 = one trial per Ray trial (default: 1, or the value the sweep last "
-                                    "ran with when resuming)")
+    a("--pack-size", help="train up to K ADRec trials as one pack (one Ray trial, one process, "
+                                             "one model with a member axis; same dataset and architecture): the "
+                                             "paired and confirm phases' jobs, and K configs asked of TPE at once "
+                                             "in the optimise phase; 1 = one trial per Ray trial; 'auto' = "
+                                             "measured on a trial's node before the sweep (default: auto with "
+                                             "--gpus-per-trial, else 1; a resume keeps the size it ran with)")
     a("--max-concurrent", type=int, default=0, help="most trials running at once (0 = as many as resources allow)")
     a("--max-failures", type=int, default=2, help="retries of a crashed trial, each from its last checkpoint")
     a("--address", help="Ray cluster to join: host:port of its head, or 'auto' for the cluster `ray start` "
@@ -141,8 +143,7 @@ def make_plan(args: argparse.Namespace) -> "Plan":
             if value < (1 if key == "repeats" else 0):
                 raise SweepError(f"--{key.replace('_', '-')}={value} must be >= {1 if key == 'repeats' else 0}")
             counts[key] = value
-    if args.pack_size is not None and args.pack_size < 1:
-        raise SweepError(f"--pack-size={args.pack_size} must be >= 1 (1 = no packs: one trial per Ray trial)")
+    args.pack_size = parse_pack_size(args.pack_size)
     if args.max_users < 0:
         raise SweepError(f"--max-users={args.max_users} must be >= 0 (0 = all users)")
     error = preflight.resource_request_error(args.gpus_per_trial, args.cpus_per_trial)
@@ -180,7 +181,7 @@ def pack_lines(plan: "Plan", size: int) -> list[str]:
             "  (the cost figures below are for one trial per process)"]
 
 
-def print_dry_run(plan: "Plan", where: str, pack_size: int = 1) -> None:
+def print_dry_run(plan: "Plan", where: str, pack_size: int | str = 1) -> None:
     """Trials and cost per phase and dataset; with `pack_size` > 1 also the Ray trials packs make."""
     from adrec.record import PHASES
 
@@ -196,7 +197,10 @@ def print_dry_run(plan: "Plan", where: str, pack_size: int = 1) -> None:
     from sweeps.plan import cost_lines
 
     print(f"total trials: {plan.total()}")
-    if pack_size > 1:
+    if pack_size == AUTO:
+        print("packs: the pack size is measured on a trial's node before the sweep (--pack-size auto); "
+              "--dry-run --pack-size K shows the Ray trials of a size K")
+    elif pack_size > 1:
         print("\n".join(pack_lines(plan, pack_size)))
     print("\n".join(cost_lines(plan, table)))
 
@@ -246,8 +250,25 @@ def load_settings(args: argparse.Namespace, plan: "Plan", store: "SweepStore") -
     return plan, True
 
 
-def resolve_pack_size(given: int | None, store: "SweepStore", resumed: bool) -> int:
-    """--pack-size, else the one the sweep's last run used (runtime.json) when it resumes, else 1."""
+def parse_pack_size(text: str | None) -> int | str | None:
+    """--pack-size: a whole number >= 1, 'auto', or None (not given)."""
+    if text is None or text == AUTO:
+        return text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise SweepError(f"--pack-size={text} must be a whole number >= 1 (1 = no packs: one trial per Ray trial) "
+                         "or 'auto'")
+    return size
+
+
+def resolve_pack_size(given: int | str | None, store: "SweepStore", resumed: bool, gpus_per_trial: float = 0.0
+                      ) -> int | str:
+    """--pack-size; else the one the sweep's last run used (runtime.json) when it resumes; else 'auto'
+    for GPU trials (measured before the sweep: `sweeps.pack_probe`) and 1 on CPU, where a pack saves
+    little (see README, "Packs")."""
     from sweeps.searchers import RUNTIME_FILE
 
     if given is not None:
@@ -258,6 +279,7 @@ def resolve_pack_size(given: int | None, store: "SweepStore", resumed: bool) -> 
             return int(json.loads(path.read_text()).get("pack_size") or 1)
         except (OSError, ValueError):
             return 1
+    return AUTO if gpus_per_trial > 0 else 1
     return 1
 
 
@@ -355,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from sweeps.storage import SweepStore
 
-            print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe(), args.pack_size or 1)
+            size = args.pack_size or (AUTO if args.gpus_per_trial > 0 else 1)
+            print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe(), size)
             return 0
         _preflight(preflight.check_address, ray_address(args), timeout_s=3)
         store = open_store(args, plan.name)
@@ -375,13 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     code = EXIT_BAD_INPUT
     try:
         plan, resumed = load_settings(args, plan, store)
-        args.pack_size = resolve_pack_size(args.pack_size, store, resumed)
+        args.pack_size = resolve_pack_size(args.pack_size, store, resumed, args.gpus_per_trial)
         joined, ray_tmp = connect(args)
         from sweeps.driver import Driver
 
         # resources some node (or autoscaler node type) offers, same code on every node, storage
         # every node sees: all before the first trial
         _preflight(preflight.run_preflight, store.experiments, args.gpus_per_trial, args.cpus_per_trial)
+        if args.pack_size == AUTO:
+            from sweeps.pack_probe import auto_pack_size
+
+            args.pack_size = auto_pack_size(plan, store, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
+                                            say=(lambda _: None) if args.quiet else print)
         if not resumed:  # only a sweep that passed every check is recorded (and can be resumed)
             from adrec.record import write_json
 

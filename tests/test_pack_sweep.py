@@ -144,8 +144,15 @@ def test_dry_run_counts_pack_trials_per_phase(tmp_path, capsys):
     assert "paired: 12 trials in 2 Ray trials (2 packs)" in out
     assert "optimize: 5 trials in 1 Ray trials" in out and "baseline: 1 single trials" in out
     assert "confirm: 9 trials in 2..3 Ray trials" in out  # the top 2 and the authors' default, 3 seeds each
-    assert main(["--space", space, "--pack-size", "0", "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
-    assert "--pack-size=0 must be >= 1" in capsys.readouterr().err
+    for bad in ("0", "-2", "many"):
+        assert main(["--space", space, "--pack-size", bad, "--storage", str(tmp_path / "runs"), "--dry-run"]) == 2
+        assert f"--pack-size={bad} must be a whole number >= 1" in capsys.readouterr().err
+    # auto: measured before the sweep; the default with GPU trials, not on CPU
+    for argv in (["--pack-size", "auto"], ["--gpus-per-trial", "0.5"]):
+        assert main(["--space", space, *argv, "--storage", str(tmp_path / "runs"), "--dry-run"]) == 0
+        assert "measured on a trial's node before the sweep (--pack-size auto)" in capsys.readouterr().out
+    assert main(["--space", space, "--storage", str(tmp_path / "runs"), "--dry-run"]) == 0
+    assert "--pack-size auto" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------
