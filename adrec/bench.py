@@ -17,10 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adrec.config import TrialConfig
-from adrec.data import load_dataset
 from adrec.model import ADRec, SASRec
-from adrec.train import (Splits, environment, evaluate, flush_denormals, make_optimizer, resolve_device,
-                         seed_everything, train_epoch, use_tf32)
+from adrec.train import Splits, environment, evaluate, make_optimizer, prepare, seed_everything, train_epoch
 
 
 def peak_rss_mb() -> float:
@@ -76,14 +74,10 @@ def run_bench(cfg: TrialConfig, epochs: int = 2, warmup: int = 1, eval_passes: i
     """Seconds per epoch (stages 1-3) and per validation pass, memory and GFLOP/s, as a dict."""
     if epochs < 1 or warmup < 0:
         raise ValueError(f"bench needs epochs >= 1 and warmup >= 0; got epochs={epochs}, warmup={warmup}")
-    device = resolve_device(cfg.device)
-    flush_denormals(device)
-    use_tf32(device)
+    device, data, splits = prepare(cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
-    splits = Splits.build(data, cfg.max_len)
     figures: dict[str, Any] = {"dataset": data.name, "users": len(data.train), "items": data.num_items,
                                "device": str(device), "env": environment(device)}
 
@@ -135,11 +129,7 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
 
     if k < 1 or epochs < 1:
         raise ValueError(f"bench --pack needs K >= 1 and epochs >= 1; got K={k}, epochs={epochs}")
-    device = resolve_device(cfg.device)
-    flush_denormals(device)
-    use_tf32(device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
-    splits = Splits.build(data, cfg.max_len)
+    device, data, splits = prepare(cfg)
     cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
     env = environment(device)
     pack = Pack([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)],

@@ -46,13 +46,11 @@ from torch.optim.adam import adam
 
 from adrec.batches import Packed
 from adrec.config import TrialConfig
-from adrec.data import load_dataset
 from adrec.losses import linear_cross_entropy
 from adrec.model import ADRec, Attention, SASRec, keep_scale, segments, sequence_mean, sinusoid
 from adrec.schedule import NoiseSchedule
 from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
-                         flush_denormals, project_conflicts, resolve_device, seed_everything, select, stage1_key,
-                         train_rows, use_tf32)
+                         prepare, project_conflicts, seed_everything, select, stage1_key, train_rows)
 
 log = logging.getLogger("adrec.pack")
 
@@ -689,11 +687,7 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
     reports = list(reports) if reports is not None else [None] * len(cfgs)
     if len(reports) != len(cfgs):
         raise ValueError(f"reports has {len(reports)} entries for {len(cfgs)} configs; give one per config or None")
-    device = resolve_device(cfgs[0].device)
-    flush_denormals(device)
-    use_tf32(device)
-    data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, cfgs[0].max_users)
-    splits = Splits.build(data, cfgs[0].max_len)
+    device, data, splits = prepare(cfgs[0])  # the members share dataset and device (PACK_FIELDS)
     env = environment(device, code_version)
     pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None)
     members, results = [], []

@@ -20,8 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from adrec.config import TrialConfig
-from adrec.data import load_dataset
-from adrec.train import Splits, environment, flush_denormals, resolve_device, use_tf32
+from adrec.train import Splits, environment, prepare
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -89,11 +88,7 @@ def choose_pack_size(cfg: TrialConfig, candidates: Sequence[int] = CANDIDATES, *
     sizes = sorted(set(int(k) for k in candidates))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"pack size candidates must be >= 1; got {list(candidates)}")
-    device = resolve_device(cfg.device)
-    flush_denormals(device)
-    use_tf32(device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
-    splits = Splits.build(data, cfg.max_len)
+    device, data, splits = prepare(cfg)
     budget = memory_budget_mb(device, gpu_share)
     probes: list[Probe] = []
     chosen, why = sizes[0], f"the largest candidate ({sizes[-1]})"

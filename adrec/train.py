@@ -426,17 +426,23 @@ def cached_stage1(cfg: TrialConfig, data: SplitData, splits: Splits, device: tor
 # ---------------------------------------------------------------------------------------------
 # fit
 # ---------------------------------------------------------------------------------------------
+def prepare(cfg: TrialConfig) -> tuple[torch.device, Any, Splits]:
+    """What every run of `cfg` sets up first: its device (subnormals flushed, TF32 as the authors)
+    and its dataset (`SplitData`) with the splits."""
+    device = resolve_device(cfg.device)
+    flush_denormals(device)
+    use_tf32(device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
+    return device, data, Splits.build(data, cfg.max_len)
+
+
 def fit(cfg: TrialConfig, report: Reporter | None = None, *, resume_from: str | Path | None = None,
         stage1_cache: str | Path | None = None, progress: bool = False,
         code_version: str | None = None) -> dict[str, Any]:
     """Train one trial end to end and return its record (see README, "The result record").
     `code_version` names the code in the record (a sweep passes its driver's checkout; default:
     `git describe` of this one)."""
-    device = resolve_device(cfg.device)
-    flush_denormals(device)
-    use_tf32(device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.max_users)
-    splits = Splits.build(data, cfg.max_len)
+    device, data, splits = prepare(cfg)
     result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
                               "epochs": {"stage1": 0, "stage2": 0, "stage3": 0},
                               "seconds": {"stage1": 0.0, "stage2": 0.0, "stage3": 0.0},
