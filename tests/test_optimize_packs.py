@@ -23,7 +23,7 @@ from sweeps import storage
 from sweeps.searchers import JOURNAL, StudySearcher, journal_storage, reconcile_studies
 from sweeps.spaces import load_space
 from sweeps.storage import SweepStore
-from test_pack_sweep import TINY, USERS, write_space
+from test_pack_sweep import TINY, USERS, sigkill_packed_sweep, write_space
 
 ENV = {"code_version": "test", "torch_version": "t", "ray_version": "r", "optuna_version": "o"}
 
@@ -193,20 +193,11 @@ def test_optimize_phase_runs_packs_that_report_rounds_and_survive_a_crash(tmp_pa
 
 @pytest.mark.slow
 def test_sigkill_mid_optimize_packs_then_resume_runs_each_trial_once(tmp_path, ray_address):
-    import sys
-
-    from conftest import sigkill_sweep_when
     from sweeps.run import main
 
     space = write_space(tmp_path, "killedopt", {"paired_samples": 0, "num_samples": 6}, stage3_epochs=3)
     sweep = tmp_path / "killedopt"
-    cmd = [sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage", str(tmp_path),
-           "--address", ray_address, "--pack-size", "2", "--no-report", "--quiet"]
-    repo = Path(__file__).resolve().parents[1]
-    state, stderr = sigkill_sweep_when(cmd, repo, sweep, finished=2, running=2, timeout=300)
-    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 2, (state, stderr)
-    before = pd.read_parquet(sweep / "trials.parquet")
-    assert len(before) < 6
+    before = sigkill_packed_sweep(space, tmp_path, ray_address, sweep, trials=6)
 
     assert main(["--resume", "--name", "killedopt", "--storage", str(tmp_path), "--no-report", "--quiet"]) == 0
     df = pd.read_parquet(sweep / "trials.parquet")

@@ -158,6 +158,19 @@ def test_dry_run_counts_pack_trials_per_phase(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 # Real sweeps
 # ------------------------------------------------------------------------------------------------
+def sigkill_packed_sweep(space: str, storage: Path, ray_address: str, sweep: Path, trials: int) -> pd.DataFrame:
+    """Run a sweep of `trials` member-trials with packs of 2 as a driver subprocess on the session's
+    Ray, SIGKILL it once two are done and two are running (conftest.sigkill_sweep_when) and return
+    its table at the kill."""
+    cmd = [sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage", str(storage),
+           "--address", ray_address, "--pack-size", "2", "--no-report", "--quiet"]
+    state, stderr = sigkill_sweep_when(cmd, REPO, sweep, finished=2, running=2, timeout=300)
+    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 2, (state, stderr)
+    before = pd.read_parquet(sweep / "trials.parquet")
+    assert len(before) < trials
+    return before
+
+
 def _jobs(sweep: Path, phase: str) -> dict[str, dict]:
     return {j["job"]: j["config"] for j in json.loads((sweep / f"{phase}_jobs.json").read_text())["jobs"]}
 
@@ -277,13 +290,7 @@ def test_a_crashed_pack_trains_again_and_records_each_member_once(tmp_path, ray_
 def test_sigkill_mid_packed_sweep_then_resume_runs_each_member_once(tmp_path, ray_address):
     space = write_space(tmp_path, "killed", {"paired_samples": 3, "repeats": 2}, stage3_epochs=3)
     sweep = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sweeps.run", "--space", space, "--max-users", USERS, "--storage", str(tmp_path),
-           "--address", ray_address, "--pack-size", "2", "--no-report", "--quiet"]
-    # killed once a pack is done and one is running
-    state, stderr = sigkill_sweep_when(cmd, REPO, sweep, finished=2, running=2, timeout=300)
-    assert state.get("finished", 0) >= 2 and state.get("running", 0) >= 2, (state, stderr)
-    before = pd.read_parquet(sweep / "trials.parquet")
-    assert len(before) < 6
+    before = sigkill_packed_sweep(space, tmp_path, ray_address, sweep, trials=6)  # a pack done, one running
     from sweeps.driver import known_trials
 
     unfinished = [t for t, info in known_trials(sweep / "paired").items() if info["status"] not in FINISHED]
