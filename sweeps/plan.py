@@ -14,7 +14,7 @@ Phases, in order:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -151,9 +151,9 @@ class Plan:
     def total(self) -> int:
         return len(self.datasets) * sum(self.counts().values())
 
-    def cost_table(self) -> pd.DataFrame:
+    def cost_table(self, pack_size: int = 1) -> pd.DataFrame:
         """Trials and cost per dataset and phase: see `estimate_cost`."""
-        return estimate_cost(self)
+        return estimate_cost(self, pack_size=pack_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +263,18 @@ class NodeType:
     trials_per_unit: int  # trials sharing one GPU (or core)
     share_speedup: float  # their throughput together against one trial alone
     speeds: Mapping[str, Speed]
+    # K -> throughput of a pack of K members on one unit against one trial alone (`bench --pack K`)
+    pack_speedups: Mapping[int, float] = field(default_factory=dict)
+
+    def sharing(self, pack_size: int = 1) -> tuple[float, float, str]:
+        """(a unit's throughput against one trial alone, how much longer one trial takes, how trials
+        share a unit) when ADRec trials run as packs of `pack_size`; without a measurement for that
+        size, one trial per process."""
+        if pack_size > 1 and pack_size in self.pack_speedups:
+            speedup = self.pack_speedups[pack_size]
+            return speedup, pack_size / speedup, f"packs of {pack_size}, measured x{speedup:.2f} per unit"
+        how = f"no pack figures for size {pack_size} here: one trial per process" if pack_size > 1 else ""
+        return self.share_speedup, self.trials_per_unit / self.share_speedup, how
 
 
 # GPU: one H200, `python -m adrec bench --device cuda` (README, docs/cluster.md): stage-3 s per epoch and
@@ -279,7 +291,9 @@ for _name, (_epoch, _eval) in _H200.items():
     _CPU.setdefault(_name, Speed(_CPU["baby"].stage1 * _epoch / _H200["baby"][0], _CPU["baby"].adrec * _epoch /
                                  _H200["baby"][0], _CPU["baby"].eval * _eval / _H200["baby"][1]))
 NODE_TYPES: dict[str, NodeType] = {
-    "cpu": NodeType("2-core CPU machine, one trial per core", "CPU-core-hours", 2, 1, 1.0, _CPU),
+    # A pack of 8 ml-100k trials on this machine: 1.08x the seconds per member-epoch of the same 8 run
+    # one after another (`python -m adrec bench --dataset ml-100k --pack 8`, README "Packs").
+    "cpu": NodeType("2-core CPU machine, one trial per core", "CPU-core-hours", 2, 1, 1.0, _CPU, {8: 1 / 1.08}),
     "h200": NodeType("H200 GPU node, 4 trials per GPU (--gpus-per-trial 0.25)", "GPU-hours", 1, 4, 1.84,
                      {k: Speed(0.6 * e, e, v) for k, (e, v) in _H200.items()}),
 }
@@ -343,7 +357,7 @@ def trial_seconds(cfg: TrialConfig, node: NodeType, expected: bool, asha: bool =
     return TRIAL_OVERHEAD_S + seconds * size
 
 
-def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES) -> pd.DataFrame:
+def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES, pack_size: int = 1) -> pd.DataFrame:
     """Per dataset and phase: trials, and per node type the expected and the ceiling unit-hours and the
     longest trial.
 
@@ -352,7 +366,8 @@ def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES) -
     shared through the stage-1 cache. ceiling: every trial trains every epoch of its budget and its
     own stage 1. Optimise and confirm configs are not known before the run: the space's own
     space-filling sample stands in for them. A unit-hour is a GPU-hour (trials sharing a GPU count
-    their share) or a CPU-core-hour.
+    their share) or a CPU-core-hour. With `pack_size` > 1 the ADRec phases share units as packs
+    where the node type has a figure for that size (`NodeType.sharing`).
     """
     stand_ins = plan.space.space_filling(max(8, plan.num_samples, plan.confirm_top), plan.seed + 1)
     rows = []
@@ -367,9 +382,9 @@ def estimate_cost(plan: Plan, node_types: Mapping[str, NodeType] = NODE_TYPES) -
             configs = [split_config(c)[0] for c in jobs[phase]]
             row: dict[str, Any] = {"dataset": ds, "phase": phase, "trials": n}
             for node_key, node in node_types.items():
-                slow = node.trials_per_unit / node.share_speedup  # a trial sharing its unit runs slower
+                speedup, slow, _ = node.sharing(pack_size if phase != "baseline" else 1)
                 for what, seconds in _phase_seconds(configs, phase, node).items():
-                    row[f"{node_key}_{what}_h"] = n * float(np.mean(seconds)) / node.share_speedup / 3600 if n else 0.0
+                    row[f"{node_key}_{what}_h"] = n * float(np.mean(seconds)) / speedup / 3600 if n else 0.0
                     row[f"{node_key}_{what}_longest_s"] = max(seconds) * slow if n else 0.0
             rows.append(row)
     return pd.DataFrame(rows)
@@ -400,14 +415,17 @@ def wall_hours(table: pd.DataFrame, node_key: str, node: NodeType, nodes: int, w
 
 
 def cost_lines(plan: Plan, table: pd.DataFrame | None = None,
-               node_types: Mapping[str, NodeType] = NODE_TYPES) -> list[str]:
-    """--dry-run's cost summary: per node type, expected and ceiling unit-hours and wall-clock."""
-    table = estimate_cost(plan, node_types) if table is None else table
+               node_types: Mapping[str, NodeType] = NODE_TYPES, pack_size: int = 1) -> list[str]:
+    """--dry-run's cost summary: per node type, expected and ceiling unit-hours and wall-clock (the
+    table from `estimate_cost` with the same `pack_size`)."""
+    table = estimate_cost(plan, node_types, pack_size) if table is None else table
     lines = ["cost (expected: typical early stopping, ASHA pruning, shared stage 1; ceiling: every epoch of "
              "every trial):"]
     for key, node in node_types.items():
         exp_h, ceil_h = table[f"{key}_expected_h"].sum(), table[f"{key}_ceiling_h"].sum()
-        lines.append(f"  {node.name}: expected {_amount(exp_h)} {node.unit}, ceiling {_amount(ceil_h)}")
+        how = node.sharing(pack_size)[2]
+        lines.append(f"  {node.name}{f' ({how})' if how else ''}: expected {_amount(exp_h)} {node.unit}, "
+                     f"ceiling {_amount(ceil_h)}")
         for count in (1, 8):
             lines.append(f"    wall-clock on {count} such node{'s' * (count > 1)}: expected "
                          f"{_duration(wall_hours(table, key, node, count, 'expected'))}, ceiling "

@@ -178,14 +178,15 @@ def pack_lines(plan: "Plan", size: int) -> list[str]:
             f"  confirm: {n * counts['confirm']} trials in {least}..{most} Ray trials (its configs are chosen "
             "during the sweep; configs of another architecture never share a pack)",
             f"  baseline: {n * counts['baseline']} single trials",
-            "  (the cost figures below are for one trial per process)"]
+            "  (the cost below counts packs where a node type has figures for this size)"]
 
 
 def print_dry_run(plan: "Plan", where: str, pack_size: int | str = 1) -> None:
     """Trials and cost per phase and dataset; with `pack_size` > 1 also the Ray trials packs make."""
     from adrec.record import PHASES
 
-    table = plan.cost_table()
+    packed = pack_size if isinstance(pack_size, int) else 1  # auto: the size is not known before the sweep
+    table = plan.cost_table(packed)
     print(f"sweep {plan.name!r} in {where}  space={plan.space.name} metric=val_{plan.metric} seed={plan.seed}")
     seeds = "1 seed" if plan.repeats == 1 else f"{plan.repeats} seeds"
     confirm = f"top {plan.confirm_top} and the authors' default x {seeds}" if plan.confirm_top else "none"
@@ -202,7 +203,7 @@ def print_dry_run(plan: "Plan", where: str, pack_size: int | str = 1) -> None:
               "--dry-run --pack-size K shows the Ray trials of a size K")
     elif pack_size > 1:
         print("\n".join(pack_lines(plan, pack_size)))
-    print("\n".join(cost_lines(plan, table)))
+    print("\n".join(cost_lines(plan, table, pack_size=packed)))
 
 
 def open_store(args: argparse.Namespace, name: str) -> "SweepStore":

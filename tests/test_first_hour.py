@@ -258,6 +258,23 @@ def test_cost_of_the_smoke_space_counts_stage_one_once_per_seed() -> None:
     assert (table.loc[table["trials"] == 0, ["cpu_expected_h", "h200_expected_h"]] == 0).all().all()
 
 
+def test_cost_with_packs_uses_a_node_types_pack_figure_only_where_measured() -> None:
+    from sweeps.plan import NODE_TYPES, cost_lines, estimate_cost
+
+    solo, packed = estimate_cost(smoke_plan()), estimate_cost(smoke_plan(), pack_size=8)
+    cpu_speedup = NODE_TYPES["cpu"].pack_speedups[8]
+    adrec = solo["phase"] != "baseline"
+    assert packed.loc[adrec, "cpu_expected_h"].to_numpy() == pytest.approx(
+        solo.loc[adrec, "cpu_expected_h"].to_numpy() / cpu_speedup)
+    assert packed.loc[~adrec, "cpu_expected_h"].to_numpy() == pytest.approx(solo.loc[~adrec, "cpu_expected_h"])
+    assert 4 not in NODE_TYPES["cpu"].pack_speedups  # no figure for packs of 4: one trial per process
+    assert estimate_cost(smoke_plan(), pack_size=4)["cpu_expected_h"].to_numpy() == pytest.approx(
+        solo["cpu_expected_h"].to_numpy())
+    lines = "\n".join(cost_lines(smoke_plan(), pack_size=8))
+    assert f"packs of 8, measured x{cpu_speedup:.2f} per unit" in lines
+    assert "no pack figures for size 8 here: one trial per process" in lines  # the H200 has none yet
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium; .ci/run does)")
 def test_report_page_opens_with_the_verdict_table_in_chromium(tmp_path: Path) -> None:
     from results import build_report
