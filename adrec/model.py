@@ -135,15 +135,19 @@ def sequence_mean(values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Dropout with a cheaper mask on CPU
 # ---------------------------------------------------------------------------------------------
-def keep_scale(shape: torch.Size, p: float) -> torch.Tensor:
+def keep_scale(shape: torch.Size, p: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float mask of 1 / (1 - p) (kept, probability 1 - p) or 0, from 16 random bits per element
     (p is exact to 1/65536). On CPU, torch's per-element bernoulli_ costs several times more than
     the mask is worth; the bits come from numpy's SFC64, seeded from torch's generator so that
-    torch.manual_seed still fixes every mask."""
+    torch.manual_seed still fixes every mask. `out`: a contiguous float tensor of `shape` to fill."""
     n = math.prod(shape)
     seed = int(torch.randint(2**62, (1,)))
     bits = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16))
-    return torch.where(bits[:n].view(shape) >= round(-32768 + p * 65536), 1.0 / (1.0 - p), 0.0)
+    keep = bits[:n].view(shape) >= round(-32768 + p * 65536)
+    if out is None:
+        return torch.where(keep, 1.0 / (1.0 - p), 0.0)
+    return torch.where(keep, torch.tensor(1.0 / (1.0 - p), dtype=out.dtype), torch.tensor(0.0, dtype=out.dtype),
+                       out=out)
 
 
 class Dropout(nn.Dropout):

@@ -142,7 +142,7 @@ class PackedLayerNorm(nn.Module):
         if k == 1:
             return F.layer_norm(x, self.shape, self.weight[0], self.bias[0], self.eps)
         y = _by_member(F.layer_norm(x, self.shape, None, None, self.eps), k)
-        return (y * self.weight.unsqueeze(1) + self.bias.unsqueeze(1)).reshape(x.shape)
+        return torch.addcmul(self.bias.unsqueeze(1), y, self.weight.unsqueeze(1)).reshape(x.shape)  # one pass
 
 
 class PackedEmbedding(nn.Module):
@@ -181,6 +181,9 @@ class PackedDropout(nn.Module):
             return x
         k = len(self.ps)
         full = (k, x.shape[0] // k, *x.shape[1:])
+        if x.device.type == "cpu" and x.dim() in (3, 4) and all(r == full[1] for r in self.layout.rows) and all(
+                w == x.shape[-2] for w in self.layout.width) and all(p > 0 for p in self.ps):
+            return x * self._unpadded_cpu_scales(full, x.dtype).view(x.shape)
         masks, corners = [], []
         for m, p in enumerate(self.ps):
             rows, width = self.layout.rows[m], self.layout.width[m]
@@ -207,6 +210,16 @@ class PackedDropout(nn.Module):
         for mask, corner in zip((mask for mask in masks if mask is not None), corners):
             scales[corner] = mask
         return x * scales.view(x.shape)
+
+
+    def _unpadded_cpu_scales(self, full: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Every member fills its whole slot (no padding) on CPU: each member's mask is drawn straight
+        into its slice of one tensor (no stack of K masks: on CPU that copy is a pass over memory)."""
+        scales = torch.empty(full, dtype=dtype)
+        for m, p in enumerate(self.ps):
+            with self.layout.rngs[m].active():
+                keep_scale(torch.Size(full[1:]), p, out=scales[m])
+        return scales
 
 
 def stack_models(models: Sequence[nn.Module], layout: Layout) -> nn.Module:
