@@ -248,11 +248,16 @@ class StudySearcher(_LiveLimit, Searcher):
         step = int(result.get("training_iteration", 0))
         values = result.get("member_objectives")
         ids = [trial_id] if values is None else [member_id(trial_id, i) for i in range(len(values))]
-        for own_id, value in zip(ids, [result["objective"]] if values is None else values):
+        statuses = result.get("member_status") or [None] * len(ids)
+        for i, (own_id, value, status) in enumerate(zip(ids, [result["objective"]] if values is None else values,
+                                                        statuses)):
             found = self._find(own_id)
-            if found is None or found[1].state != TrialState.RUNNING or value is None:
+            if found is None or found[1].state != TrialState.RUNNING:
                 continue
-            if math.isfinite(float(value)) and step not in found[1].intermediate_values:
+            if status is not None:  # a member that left its pack: TPE learns its outcome now, not at the pack's end
+                tell(*found, *member_outcome(result, i, False))
+                storage.current().push(JOURNAL)
+            elif value is not None and math.isfinite(float(value)) and step not in found[1].intermediate_values:
                 optuna.trial.Trial(found[0], found[1]._trial_id).report(float(value), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

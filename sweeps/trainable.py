@@ -178,7 +178,9 @@ class PackProgress:
         shutil.rmtree(folder, ignore_errors=True)
 
     def metrics(self, epoch: int) -> dict[str, Any]:
-        best = [e[-1]["objective"] if e else None for e in self.evaluations]  # `objective` is best-so-far
+        # a finished member: its selected model's value (as its final report); else its best so far
+        best = [_selected_value(self.finished[i], m["config"]) if i in self.finished else e[-1]["objective"] if e
+                else None for i, (e, m) in enumerate(zip(self.evaluations, self.members))]
         status = [self.finished[i].get("status") if i in self.finished else None for i in range(len(self.members))]
         finite = [v for v in best if v is not None and math.isfinite(v)]
         return {METRIC: max(finite) if finite else -math.inf, "epoch": epoch, "node_id": self.node_id,
@@ -203,6 +205,10 @@ def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id
                            "member_objectives": [v for v, _ in values], "member_status": [r.get("status") for r in results]}
     out.update({f"val_{k}": v for k, v in val.items()})
     return out
+
+
+def _selected_value(record: dict[str, Any], config: dict[str, Any]) -> float | None:
+    return (record.get("val") or {}).get(config.get("select_metric", "NDCG@20"))
 
 
 def final_metrics(result: dict[str, Any], cfg: TrialConfig) -> dict[str, Any]:

@@ -79,9 +79,13 @@ def test_each_member_is_told_its_own_values_and_outcome(searcher):
                                    "member_objectives": [0.1, 0.3, None], "member_status": [None, None, None]})
     searcher.on_trial_complete("a", {"objective": 0.35, "final": 1, "member_objectives": [0.12, 0.35, None],
                                      "member_status": ["completed", "completed", "diverged"]})
-    # a pack the scheduler stopped: the member that had finished is complete, the others pruned
+    # a member that left its pack is told at that round; when the scheduler stops the pack, the
+    # others are pruned
     searcher.on_trial_result("b", {"objective": 0.2, "training_iteration": 1,
-                                   "member_objectives": [0.2, 0.05, 0.1], "member_status": [None, None, None]})
+                                   "member_objectives": [0.2, 0.05, 0.1], "member_status": ["completed", None, None]})
+    trials = _by_ray_id(_study(searcher))
+    assert (trials["b-m0"].state, trials["b-m0"].value) == (TrialState.COMPLETE, 0.2)
+    assert trials["b-m1"].state == TrialState.RUNNING and trials["b-m1"].intermediate_values == {1: 0.05}
     searcher.on_trial_complete("b", {"objective": 0.2, "training_iteration": 2,
                                      "member_objectives": [0.2, 0.06, 0.1],
                                      "member_status": ["completed", None, None]})
