@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from adrec.config import TrialConfig
-from adrec.train import Splits, environment, prepare
+from adrec.train import Splits, environment, prepare, resolve_device
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -82,12 +82,16 @@ def memory_budget_mb(device: torch.device, share: float = 1.0, fraction: float =
 
 
 def choose_pack_size(cfg: TrialConfig, candidates: Sequence[int] = CANDIDATES, *, min_gain: float = 0.10,
-                     steps: int = 4, gpu_share: float = 1.0) -> dict[str, Any]:
+                     steps: int = 4, gpu_share: float = 1.0, measure_cpu: bool = True) -> dict[str, Any]:
     """Measure packs of growing size (see the module docstring); returns {"pack_size", "probes",
-    "budget_mb", "device", "dataset", "why"} with the choice and every measurement."""
+    "budget_mb", "device", "dataset", "why"} with the choice and every measurement. With
+    `measure_cpu=False` a run that gets no GPU measures nothing and gets 1."""
     sizes = sorted(set(int(k) for k in candidates))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"pack size candidates must be >= 1; got {list(candidates)}")
+    if resolve_device(cfg.device).type == "cpu" and not measure_cpu:
+        return {"pack_size": 1, "why": "the trial sees no GPU (on CPU a pack is not faster per member)",
+                "budget_mb": float("inf"), "device": "cpu", "dataset": cfg.dataset, "probes": []}
     device, data, splits = prepare(cfg)
     budget = memory_budget_mb(device, gpu_share)
     probes: list[Probe] = []

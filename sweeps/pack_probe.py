@@ -16,20 +16,24 @@ from adrec.record import write_json
 PROBE_FILE = "pack_size.json"
 
 
-def auto_pack_size(plan: Any, store: Any, *, cpus: float, gpus: float, say: Callable[[str], None]) -> int:
-    """Measure and return the sweep's pack size (`plan`: sweeps.plan.Plan, `store`: SweepStore)."""
+def auto_pack_size(plan: Any, store: Any, *, cpus: float, gpus: float, say: Callable[[str], None],
+                   measure_cpu: bool = True) -> int:
+    """Measure and return the sweep's pack size (`plan`: sweeps.plan.Plan, `store`: SweepStore).
+    `measure_cpu=False` (auto as the default of GPU trials): a task that sees no CUDA device
+    measures nothing and votes 1."""
     import ray
 
     from adrec.pack_size import choose_pack_size
 
     probe = ray.remote(num_cpus=cpus, num_gpus=gpus)(choose_pack_size)
     say(f"choosing the pack size: timing packs of 1, 2, 4, ... on each dataset ({len(plan.datasets)} Ray task(s))")
-    refs = {ds: probe.remote(TrialConfig.from_dict(plan.base_config(ds)), gpu_share=gpus or 1.0)
-            for ds in plan.datasets}
+    refs = {ds: probe.remote(TrialConfig.from_dict(plan.base_config(ds)), gpu_share=gpus or 1.0,
+                             measure_cpu=measure_cpu) for ds in plan.datasets}
     found = {ds: ray.get(ref) for ds, ref in refs.items()}
     for ds, result in found.items():
         steps = ", ".join(f"{p['pack_size']}: {p['s_per_member_step'] * 1e3:.1f} ms" for p in result["probes"])
-        say(f"  {ds} on {result['device']}: {result['pack_size']} (per member step {steps}; stopped: {result['why']})")
+        measured = f"per member step {steps}; stopped: " if steps else ""
+        say(f"  {ds} on {result['device']}: {result['pack_size']} ({measured}{result['why']})")
     size = min(r["pack_size"] for r in found.values())
     write_json(store.path(PROBE_FILE), {"pack_size": size, "datasets": found})
     store.push(PROBE_FILE)

@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     code = EXIT_BAD_INPUT
     try:
         plan, resumed = load_settings(args, plan, store)
+        asked_auto = args.pack_size == AUTO  # explicit: measure even where trials get no GPU
         args.pack_size = resolve_pack_size(args.pack_size, store, resumed, args.gpus_per_trial)
         joined, ray_tmp = connect(args)
         from sweeps.driver import Driver
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             from sweeps.pack_probe import auto_pack_size
 
             args.pack_size = auto_pack_size(plan, store, cpus=args.cpus_per_trial, gpus=args.gpus_per_trial,
-                                            say=(lambda _: None) if args.quiet else print)
+                                            say=(lambda _: None) if args.quiet else print, measure_cpu=asked_auto)
         if not resumed:  # only a sweep that passed every check is recorded (and can be resumed)
             from adrec.record import write_json
 

@@ -42,6 +42,10 @@ def test_the_rule_ends():
     assert found["pack_size"] == 1 and "save less than 99%" in found["why"]
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         choose_pack_size(tiny(), candidates=(0, 2))
+    # auto as the default of GPU trials: a trial that sees no GPU measures nothing and gets 1
+    assert choose_pack_size(tiny(), measure_cpu=False) == {
+        "pack_size": 1, "why": "the trial sees no GPU (on CPU a pack is not faster per member)",
+        "budget_mb": float("inf"), "device": "cpu", "dataset": "ml-100k", "probes": []}
 
 
 @pytest.mark.slow
