@@ -119,21 +119,24 @@ def _evaluations_per_trial(epochs: int, eval_every: int) -> int:
     return len({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs}) + 1
 
 
-def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int = 8) -> dict[str, Any]:
+def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int = 8, stack: int | None = None
+                   ) -> dict[str, Any]:
     """Stage-3 seconds per epoch of K members (seeds seed, seed+1, ...) in one pack and of the same
     K configs trained one after another, measured in alternating rounds so that both see the same
     machine load; per-member seconds per epoch and trials per hour for `trial_epochs`-epoch trials
     (validation and test passes included, timed once: a pack evaluates each member as fit does;
-    stage 1 is left out, it is shared through the stage-1 cache)."""
-    from adrec.pack import Pack, _start_member
+    stage 1 is left out, it is shared through the stage-1 cache). The pack is laid out as `fit_pack`
+    lays it out: networks of `stack` members (`adrec.pack.default_stack` when None)."""
+    from adrec.pack import _start_member, default_stack, make_packs
 
     if k < 1 or epochs < 1:
         raise ValueError(f"bench --pack needs K >= 1 and epochs >= 1; got K={k}, epochs={epochs}")
     device, data, splits = prepare(cfg)
     cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
     env = environment(device)
-    pack = Pack([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)],
-                splits, device)
+    stack = stack or default_stack(device, k)
+    packs = make_packs([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)],
+                       splits, device, stack)
     solos = []
     for c in cfgs:
         seed_everything(c.seed)
@@ -143,7 +146,8 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
     for epoch in range(1, epochs + 1):
         _sync(device)
         start = time.perf_counter()
-        pack._epoch(epoch)
+        for pack in packs:
+            pack._epoch(epoch)
         _sync(device)
         pack_times.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -160,7 +164,7 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
 
     return {
         "dataset": data.name, "users": len(data.train), "items": data.num_items, "device": str(device),
-        "pack_size": k, "timed_epochs": epochs, "trial_epochs": trial_epochs,
+        "pack_size": k, "stack": stack, "timed_epochs": epochs, "trial_epochs": trial_epochs,
         "pack_s_per_epoch": pack_times, "sequential_s_per_epoch": solo_times,
         "pack_s_per_member_epoch": pack_member, "sequential_s_per_member_epoch": solo_member,
         "pack_over_sequential": pack_member / solo_member,

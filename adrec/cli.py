@@ -198,7 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     check_dataset(cfg)
     if args.pack:
-        figures = run_pack_bench(cfg, args.pack, epochs=args.epochs)
+        figures = run_pack_bench(cfg, args.pack, epochs=args.epochs, stack=args.stack)
     else:
         figures = run_bench(cfg, epochs=args.epochs, warmup=args.warmup)
     print(json.dumps(figures, indent=2))
@@ -252,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the figures (JSON) here")
     bench.add_argument("--pack", type=int, default=0, metavar="K",
                        help="time K seeds trained as one pack against the K runs in sequence")
+    bench.add_argument("--stack", type=int, default=None, metavar="S",
+                       help="with --pack: members per stacked network (default: all on a GPU, 1 on CPU)")
     bench.set_defaults(func=cmd_bench)
     return p
 

@@ -16,6 +16,12 @@ numbers, up to float rounding of batched vs single matmuls.
 A member that stops (patience, epoch budget, divergence) leaves the pack: every stacked tensor
 is compacted to the members still training, and the pack ends when all have left.
 
+How many members share one stacked network is the device's call (`default_stack`): all of them on
+a GPU, where a small trial's step is bound by kernel launches; one on CPU, where a stacked step
+streams K times larger activations through memory and runs slower per member than the K runs in
+sequence (ml-100k, 8 members: 1.40x). `fit_pack` trains the networks in lock-step, epoch by
+epoch (`run_lockstep`), so a pack reports and ends the same way in either layout.
+
 Which configs may share a pack: `PACK_FIELDS` must be equal (the architecture, the data, the
 padding mode that shapes the batches). Stages: `fit_pack` first runs stage 1 (the SASRec
 pre-training of the item embeddings) of every member that needs it as one pack of SASRec members,
@@ -360,10 +366,8 @@ OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member in
 class Pack:
     """The members still training and their stacked model; `run` trains them to their ends."""
 
-    def __init__(self, members: list[Member], splits: Splits, device: torch.device,
-                 on_epoch: OnEpoch | None = None):
+    def __init__(self, members: list[Member], splits: Splits, device: torch.device):
         self.members, self.splits, self.device = members, splits, device
-        self.on_epoch = on_epoch
         self.layout = Layout(rngs=[m.rng for m in members])
         self.model = stack_models([m.solo for m in members], self.layout).to(device)
         self.params = list(self.model.parameters())
@@ -662,23 +666,48 @@ class Pack:
             result["test"] = evaluate(member.solo, self.splits.test, member.cfg.eval_batch_size, self.device,
                                       member.cfg.padding_mask == "query")
 
-    def run(self) -> None:
-        epoch = 0
-        while self.members:
-            epoch += 1
-            self._epoch(epoch)
-            leaving = []
-            for m, member in enumerate(self.members):
-                if member.diverged:
-                    member.state.seconds = time.perf_counter() - self.started
-                    leaving.append(m)
-                elif self._after_epoch(member, m, epoch):
-                    leaving.append(m)
-            done = {self.members[m].index: self.members[m].result for m in leaving}
-            if leaving:
-                self._leave(leaving)
-            if self.on_epoch is not None:
-                self.on_epoch(epoch, done)
+    def train_epoch(self, epoch: int) -> dict[int, dict[str, Any]]:
+        """One epoch of every member still training, its evaluations and departures; returns the
+        records of the members that left (by member index)."""
+        self._epoch(epoch)
+        leaving = []
+        for m, member in enumerate(self.members):
+            if member.diverged:
+                member.state.seconds = time.perf_counter() - self.started
+                leaving.append(m)
+            elif self._after_epoch(member, m, epoch):
+                leaving.append(m)
+        done = {self.members[m].index: self.members[m].result for m in leaving}
+        if leaving:
+            self._leave(leaving)
+        return done
+
+
+def default_stack(device: torch.device, k: int) -> int:
+    """Members per stacked network: all of them on a GPU, where a small trial's step is launch-bound;
+    one on CPU, where a stacked step streams K times larger activations through memory (a pack of 8
+    ml-100k members: 1.40x the seconds per member-epoch of the 8 run in sequence, README "Packs")."""
+    return k if device.type == "cuda" else 1
+
+
+def make_packs(members: list[Member], splits: Splits, device: torch.device, stack: int | None = None) -> list[Pack]:
+    """The members as networks of `stack` members each (`default_stack` when None)."""
+    stack = stack or default_stack(device, len(members))
+    return [Pack(members[i:i + stack], splits, device) for i in range(0, len(members), stack)]
+
+
+def run_lockstep(packs: Sequence[Pack], on_epoch: OnEpoch | None = None) -> None:
+    """Train the packs epoch by epoch together, each to its members' ends; `on_epoch(epoch, done)`
+    after each epoch with the records of the members that left in it."""
+    epoch = 0
+    while any(p.members for p in packs):
+        epoch += 1
+        done: dict[int, dict[str, Any]] = {}
+        for pack in packs:
+            if pack.members:
+                done.update(pack.train_epoch(epoch))
+        if on_epoch is not None:
+            on_epoch(epoch, done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,9 +715,12 @@ class Pack:
 # ---------------------------------------------------------------------------------------------
 def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | None = None, *,
              stage1_cache: str | Path | None = None, code_version: str | None = None,
-             on_epoch: OnEpoch | None = None) -> list[dict[str, Any]]:
+             on_epoch: OnEpoch | None = None, stack: int | None = None) -> list[dict[str, Any]]:
     """Train the configs as one pack (see the module docstring) and return one record per config,
     in order, as `fit` returns it. Checkpoints are not written: each report's path is None.
+
+    `stack`: members per stacked network, the networks trained in lock-step epoch by epoch
+    (`default_stack` when None: all on a GPU, one on CPU); each member equals its solo run either way.
 
     `on_epoch(epoch, done)` is called after every stage-2/3 epoch of the pack, once the members'
     reports of that epoch are made, with the records of the members that left the pack in it (by
@@ -702,7 +734,7 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
         raise ValueError(f"reports has {len(reports)} entries for {len(cfgs)} configs; give one per config or None")
     device, data, splits = prepare(cfgs[0])  # the members share dataset and device (PACK_FIELDS)
     env = environment(device, code_version)
-    pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None)
+    pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None, stack)
     members, results = [], []
     for i, (cfg, report) in enumerate(zip(cfgs, reports)):
         member = _start_member(i, cfg, report, splits, device, env, pretrained.get(i))
@@ -713,15 +745,15 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
     if never_joined and on_epoch is not None:
         on_epoch(0, never_joined)
     if members:
-        Pack(members, splits, device, on_epoch).run()
+        run_lockstep(make_packs(members, splits, device, stack), on_epoch)
     return results
 
 
 Stage1 = tuple[torch.Tensor, dict[str, Any]]  # (item embeddings, summary), as cached_stage1 returns them
 
 
-def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.device, cache: Path | None
-              ) -> dict[int, Stage1 | str]:
+def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.device, cache: Path | None,
+              stack: int | None = None) -> dict[int, Stage1 | str]:
     """Stage 1 of every config that has one: read from the cache where it is there, else trained
     in one stage-1 pack (SASRec members; with a cache, one member per stage-1 key, the others read
     its result as a later fit would read the cache) and written to the cache. Config index ->
@@ -747,7 +779,7 @@ def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.devic
         model = SASRec(cfg, splits.num_items).to(device)
         members.append(Member(index=i, cfg=cfg, solo=model, rng=MemberRNG(torch.get_rng_state()), result={},
                               stage1={}, report=None, lrs=cosine_lrs(cfg), pretraining=True))
-    Pack(list(members), splits, device).run()
+    run_lockstep(make_packs(members, splits, device, stack))
     for member in members:
         if member.diverged:
             out[member.index] = member.diverged

@@ -37,15 +37,17 @@ class Probe:
 
 def measure(cfg: TrialConfig, k: int, splits: Splits, device: torch.device, steps: int = 4, warmup: int = 2) -> Probe:
     """Median seconds of `steps` stage-3 steps of a pack of `k` copies of `cfg`, after `warmup` steps."""
-    from adrec.pack import Pack, _start_member
+    from adrec.pack import _start_member, make_packs
 
     cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
     env = environment(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    pack = Pack([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)], splits, device)
-    pack.model.train()
+    packs = make_packs([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)], splits,
+                       device)  # laid out as fit_pack lays it out on this device
+    for pack in packs:
+        pack.model.train()
     full_width = cfg.padding_mask == "query"
     epoch = cfg.stage_epochs()[1] + 1  # a stage-3 epoch: every parameter trains
     streams = [_endless(splits, c, epoch, full_width) for c in cfgs]
@@ -55,14 +57,15 @@ def measure(cfg: TrialConfig, k: int, splits: Splits, device: torch.device, step
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        pack._step(batches, epoch)
+        for pack in packs:
+            pack._step(batches[pack.members[0].index:pack.members[-1].index + 1], epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    del pack
+    del packs
     return Probe(pack_size=k, s_per_step=step, s_per_member_step=step / k, peak_mb=peak)
 
 

@@ -291,9 +291,10 @@ for _name, (_epoch, _eval) in _H200.items():
     _CPU.setdefault(_name, Speed(_CPU["baby"].stage1 * _epoch / _H200["baby"][0], _CPU["baby"].adrec * _epoch /
                                  _H200["baby"][0], _CPU["baby"].eval * _eval / _H200["baby"][1]))
 NODE_TYPES: dict[str, NodeType] = {
-    # A pack of 8 ml-100k trials on this machine: 1.08x the seconds per member-epoch of the same 8 run
-    # one after another (`python -m adrec bench --dataset ml-100k --pack 8`, README "Packs").
-    "cpu": NodeType("2-core CPU machine, one trial per core", "CPU-core-hours", 2, 1, 1.0, _CPU, {8: 1 / 1.08}),
+    # A pack of 8 ml-100k trials on this machine (networks of one in lock-step, the CPU layout): 1.07x the
+    # seconds per member-epoch of the same 8 run one after another (`python -m adrec bench --dataset
+    # ml-100k --pack 8`, median of 3 rounds; README "Packs").
+    "cpu": NodeType("2-core CPU machine, one trial per core", "CPU-core-hours", 2, 1, 1.0, _CPU, {8: 1 / 1.07}),
     "h200": NodeType("H200 GPU node, 4 trials per GPU (--gpus-per-trial 0.25)", "GPU-hours", 1, 4, 1.84,
                      {k: Speed(0.6 * e, e, v) for k, (e, v) in _H200.items()}),
 }

@@ -81,7 +81,7 @@ def assert_same_run(solo: dict, solo_rec: Recorder, packed: dict, packed_rec: Re
 def test_a_packed_member_equals_its_solo_run(small_file: Path, arch: dict, names: str) -> None:
     cfgs = [tiny(small_file, **{**MEMBERS[n], **arch}) for n in names]
     packed_recs = [Recorder() for _ in cfgs]
-    packed = fit_pack(cfgs, packed_recs)
+    packed = fit_pack(cfgs, packed_recs, stack=len(cfgs))  # one stacked network (a GPU's layout), on CPU
     for name, cfg, result, rec in zip(names, cfgs, packed, packed_recs):
         solo_rec = Recorder()
         solo = fit(cfg, report=solo_rec)
@@ -98,7 +98,7 @@ def test_a_packed_member_equals_its_solo_run(small_file: Path, arch: dict, names
 def test_members_of_one_seed_share_the_stage1_cache(small_file: Path, tmp_path: Path) -> None:
     base = tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1)
     cfgs = [base, base.replace(lambda_uncertainty=0.5, mse_weight=3.0)]
-    packed = fit_pack(cfgs, stage1_cache=tmp_path / "cache")
+    packed = fit_pack(cfgs, stage1_cache=tmp_path / "cache", stack=len(cfgs))
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert [r["stage1_cached"] for r in packed] == [False, True]
     for cfg, result in zip(cfgs, packed):
@@ -191,7 +191,7 @@ def test_stage1_runs_as_a_pack_of_sasrec_members_each_to_its_own_early_stop(smal
                  selection="metric", dropout=0.0),
             tiny(small_file, stage1_epochs=2, stage2_epochs=1, stage3_epochs=1, seed=4, weight_decay=1e-3),
             tiny(small_file, stage1_epochs=3, lr=1e4, batch_size=512)]  # blows up in stage 1
-    packed = fit_pack(cfgs)
+    packed = fit_pack(cfgs, stack=len(cfgs))
     stage1_epochs = []
     for cfg, result in zip(cfgs, packed):
         solo = fit(cfg)
@@ -205,6 +205,22 @@ def test_stage1_runs_as_a_pack_of_sasrec_members_each_to_its_own_early_stop(smal
         assert result["test"] == pytest.approx(solo["test"], abs=TOL)
         stage1_epochs.append(result["epochs"]["stage1"])
     assert stage1_epochs[0] == 3 and stage1_epochs[2] == 2 and len(set(stage1_epochs)) == 3
+
+
+def test_on_cpu_a_pack_runs_its_members_as_networks_of_one_in_lock_step(small_file: Path) -> None:
+    """The CPU default (`default_stack`): each member its own network, the networks trained epoch by
+    epoch together; every member is its solo run to the bit, and `on_epoch` sees the epochs in order
+    with each member's record once, when it leaves."""
+    cfgs = [tiny(small_file, **MEMBERS[n]) for n in "ABC"]
+    seen: list[tuple[int, list[int]]] = []
+    packed = fit_pack(cfgs, on_epoch=lambda epoch, done: seen.append((epoch, sorted(done))))
+    for cfg, result in zip(cfgs, packed):
+        solo = fit(cfg)
+        assert (result["val"], result["test"], result["epochs"]) == (solo["val"], solo["test"], solo["epochs"])
+    assert [e for e, _ in seen] == list(range(1, len(seen) + 1))
+    assert sorted(i for _, done in seen for i in done) == [0, 1, 2]
+    last = {i: e for e, done in seen for i in done}
+    assert all(last[i] == r["epochs"]["stage2"] + r["epochs"]["stage3"] for i, r in enumerate(packed))
 
 
 @pytest.mark.parametrize("variant, name", [(0, "B"), (3, "C"), (4, "F"), (6, "B")],
