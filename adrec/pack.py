@@ -364,7 +364,8 @@ OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member in
 
 
 class Pack:
-    """The members still training and their stacked model; `run` trains them to their ends."""
+    """The members still training and their stacked model; `train_epoch` trains them one epoch
+    (`run_lockstep` trains packs to their ends)."""
 
     def __init__(self, members: list[Member], splits: Splits, device: torch.device):
         self.members, self.splits, self.device = members, splits, device
