@@ -37,7 +37,7 @@ from sweeps import storage
 from sweeps.searchers import read_runtime
 from sweeps.spaces import BASELINES
 from sweeps.storage import storage_failure
-from sweeps.table import read_error, read_fit_result, read_pack_progress, read_pack_results
+from sweeps.table import read_checkpoint_json, read_error
 
 log = logging.getLogger("sweeps.progress")
 PROGRESS_FILE = "progress.json"
@@ -325,8 +325,7 @@ def _checkpoint_json(trial: Any, name: str) -> Any:
     except Exception:  # noqa: BLE001 - fall back to the storage copy
         if not trial.path:
             return None
-        readers = {PACK_RESULTS: read_pack_results, PACK_PROGRESS: read_pack_progress}
-        return readers.get(name, read_fit_result)(trial.path)
+        return read_checkpoint_json(trial.path, name)
 
 
 def best_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -32,21 +32,11 @@ def versions() -> dict[str, str]:
             "optuna_version": optuna.__version__}
 
 
-def read_fit_result(trial_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The fit record the trainable left in the trial's last checkpoint (None for pruned/failed)."""
-    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{FIT_RESULT}"))
-    return json.loads(found[-1].read_text()) if found else None
-
-
-def read_pack_results(trial_dir: str | os.PathLike) -> list[dict[str, Any]] | None:
-    """The members' fit records a pack trial left in its final checkpoint (None before it finished)."""
-    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{PACK_RESULTS}"))
-    return json.loads(found[-1].read_text()) if found else None
-
-
-def read_pack_progress(trial_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """What an optimise pack had done at its last report (`PACK_PROGRESS`; None for other trials)."""
-    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{PACK_PROGRESS}"))
+def read_checkpoint_json(trial_dir: str | os.PathLike, name: str) -> Any:
+    """`name` from the trial's last checkpoint, or None: FIT_RESULT (a solo trial's fit record; None
+    for pruned/failed), PACK_RESULTS (a finished pack's member records, in order), PACK_PROGRESS (an
+    optimise pack's state at its last report)."""
+    found = sorted(Path(trial_dir).glob(f"checkpoint_*/{name}"))
     return json.loads(found[-1].read_text()) if found else None
 
 
@@ -81,14 +71,14 @@ def build_rows(experiment_dirs: Iterable[str | os.PathLike], env: Mapping[str, s
             trial_dir = Path(trial.path)
             if is_pack(trial.config):  # one row per member, each with its own id
                 for row in pack_rows(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
-                                     ray_status=trial.status, results=read_pack_results(trial_dir),
+                                     ray_status=trial.status, results=read_checkpoint_json(trial_dir, PACK_RESULTS),
                                      error=read_error(trial_dir), env=env,
-                                     progress=read_pack_progress(trial_dir)):
+                                     progress=read_checkpoint_json(trial_dir, PACK_PROGRESS)):
                     rows[row["trial_id"]] = row
                 continue
             row = trial_row(sweep=sweep or exp.parent.name, trial_id=trial.trial_id, config=trial.config,
                             ray_status=trial.status, history=frames.get(trial.trial_id),
-                            fit_result=read_fit_result(trial_dir), error=read_error(trial_dir), env=env)
+                            fit_result=read_checkpoint_json(trial_dir, FIT_RESULT), error=read_error(trial_dir), env=env)
             if row is not None:
                 rows[trial.trial_id] = row
     return to_frame(rows.values())
@@ -107,4 +97,4 @@ def quiet_analysis() -> Iterator[None]:
 
 
 __all__ = ["FINISHED", "FIT_RESULT", "TABLE_FILE", "RecordError", "build_rows", "columns", "quiet_analysis", "read_error",
-           "read_fit_result", "read_pack_progress", "read_pack_results", "read_table", "to_frame", "trial_row", "versions", "write_table"]
+           "read_checkpoint_json", "read_table", "to_frame", "trial_row", "versions", "write_table"]
