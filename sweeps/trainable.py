@@ -117,7 +117,7 @@ def run_pack(config: dict[str, Any], context: TrialContext) -> None:
             if (folder / PACK_PROGRESS).exists():  # it trains again, silent up to the round it had reported
                 reported_epoch = int(json.loads((folder / PACK_PROGRESS).read_text())["epoch"])
                 log.info("pack %s trains again; it reports again after epoch %d", trial_id, reported_epoch)
-        live = (PackProgress(config, context, trial_id, node_id, scratch, reported_epoch)
+        live = (PackProgress(config, cfgs, context, trial_id, node_id, scratch, reported_epoch)
                 if config.get("phase") == "optimize" else None)
         evaluations = live.evaluations if live else [[] for _ in cfgs]  # each member's reports, for TensorBoard
         results = fit_pack(cfgs, [_collector(e) for e in evaluations], stage1_cache=context.stage1_cache,
@@ -149,9 +149,9 @@ class PackProgress:
     had reported (`reported_epoch`), so Ray's iteration count and the rounds agree.
     """
 
-    def __init__(self, config: dict[str, Any], context: TrialContext, trial_id: str, node_id: str, scratch: Path,
-                 reported_epoch: int = 0) -> None:
-        self.members, self.swept, self.trial_id = config[PACK_KEY], context.swept, trial_id
+    def __init__(self, config: dict[str, Any], cfgs: list[TrialConfig], context: TrialContext, trial_id: str,
+                 node_id: str, scratch: Path, reported_epoch: int = 0) -> None:
+        self.members, self.cfgs, self.swept, self.trial_id = config[PACK_KEY], cfgs, context.swept, trial_id
         self.node_id, self.scratch, self.reported_epoch = node_id, scratch, reported_epoch
         self.evaluations: list[list[dict[str, Any]]] = [[] for _ in self.members]
         self.finished: dict[int, dict[str, Any]] = {}
@@ -179,8 +179,8 @@ class PackProgress:
 
     def metrics(self, epoch: int) -> dict[str, Any]:
         # a finished member: its selected model's value (as its final report); else its best so far
-        best = [_selected_value(self.finished[i], m["config"]) if i in self.finished else e[-1]["objective"] if e
-                else None for i, (e, m) in enumerate(zip(self.evaluations, self.members))]
+        best = [_selected_value(self.finished[i], c) if i in self.finished else e[-1]["objective"] if e else None
+                for i, (e, c) in enumerate(zip(self.evaluations, self.cfgs))]
         status = [self.finished[i].get("status") if i in self.finished else None for i in range(len(self.members))]
         finite = [v for v in best if v is not None and math.isfinite(v)]
         return {METRIC: max(finite) if finite else -math.inf, "epoch": epoch, "node_id": self.node_id,
@@ -195,7 +195,7 @@ def _collector(into: list[dict[str, Any]]) -> Any:
 def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id: str) -> dict[str, Any]:
     """The pack's one report: the best member's validation metrics (`objective` is what Tune reads).
     Each member's own curves and HParams are TensorBoard runs in the final checkpoint."""
-    values = [((r.get("val") or {}).get(c.select_metric), i) for i, (r, c) in enumerate(zip(results, cfgs))]
+    values = [(_selected_value(r, c), i) for i, (r, c) in enumerate(zip(results, cfgs))]
     finite = [(float(v), i) for v, i in values if v is not None and math.isfinite(float(v))]
     best = max(finite, key=lambda pair: pair[0]) if finite else None
     val = (results[best[1]].get("val") or {}) if best else {}
@@ -207,8 +207,9 @@ def _pack_result(results: list[dict[str, Any]], cfgs: list[TrialConfig], node_id
     return out
 
 
-def _selected_value(record: dict[str, Any], config: dict[str, Any]) -> float | None:
-    return (record.get("val") or {}).get(config.get("select_metric", "NDCG@20"))
+def _selected_value(record: dict[str, Any], cfg: TrialConfig) -> float | None:
+    """A finished member's objective: its selected model's validation value of the tuned metric."""
+    return (record.get("val") or {}).get(cfg.select_metric)
 
 
 def final_metrics(result: dict[str, Any], cfg: TrialConfig) -> dict[str, Any]:
