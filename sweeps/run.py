@@ -76,12 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "value as `objective`")
     a("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves")
     a("--gpus-per-trial", type=float, default=0.0, help="GPUs each trial reserves; fractions share one GPU")
-    a("--pack-size", help="train up to K ADRec trials as one pack (one Ray trial, one process, "
-                                             "one model with a member axis; same dataset and architecture): the "
-                                             "paired and confirm phases' jobs, and K configs asked of TPE at once "
-                                             "in the optimise phase; 1 = one trial per Ray trial; 'auto' = "
-                                             "measured on a trial's node before the sweep (default: auto with "
-                                             "--gpus-per-trial, else 1; a resume keeps the size it ran with)")
+    a("--pack-size", help="train up to K ADRec trials as one pack (one Ray trial, one process, one model with a "
+                          "member axis; same dataset and architecture): the paired and confirm phases' jobs, and K "
+                          "configs asked of TPE at once in the optimise phase; 1 = one trial per Ray trial; "
+                          "'auto' = measured on a trial's node before the sweep (default: auto with "
+                          "--gpus-per-trial, else 1; a resume keeps the size it ran with)")
     a("--max-concurrent", type=int, default=0, help="most trials running at once (0 = as many as resources allow)")
     a("--max-failures", type=int, default=2, help="retries of a crashed trial, each from its last checkpoint")
     a("--address", help="Ray cluster to join: host:port of its head, or 'auto' for the cluster `ray start` "
@@ -267,9 +266,8 @@ def parse_pack_size(text: str | None) -> int | str | None:
 
 def resolve_pack_size(given: int | str | None, store: "SweepStore", resumed: bool, gpus_per_trial: float = 0.0
                       ) -> int | str:
-    """--pack-size; else the one the sweep's last run used (runtime.json) when it resumes; else 'auto'
-    for GPU trials (measured before the sweep: `sweeps.pack_probe`) and 1 on CPU, where a pack saves
-    little (see README, "Packs")."""
+    """--pack-size; else the one the sweep's last run used (runtime.json) when it resumes; else
+    `default_pack_size` ('auto' is measured before the sweep: `sweeps.pack_probe`)."""
     from sweeps.searchers import RUNTIME_FILE
 
     if given is not None:
@@ -280,8 +278,12 @@ def resolve_pack_size(given: int | str | None, store: "SweepStore", resumed: boo
             return int(json.loads(path.read_text()).get("pack_size") or 1)
         except (OSError, ValueError):
             return 1
+    return default_pack_size(gpus_per_trial)
+
+
+def default_pack_size(gpus_per_trial: float) -> int | str:
+    """Without --pack-size: 'auto' for GPU trials, 1 on CPU, where a pack saves little (README, "Packs")."""
     return AUTO if gpus_per_trial > 0 else 1
-    return 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from sweeps.storage import SweepStore
 
-            size = args.pack_size or (AUTO if args.gpus_per_trial > 0 else 1)
+            size = args.pack_size or default_pack_size(args.gpus_per_trial)
             print_dry_run(plan, SweepStore.open(str(args.storage), plan.name).describe(), size)
             return 0
         _preflight(preflight.check_address, ray_address(args), timeout_s=3)
