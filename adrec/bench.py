@@ -127,14 +127,13 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
     (validation and test passes included, timed once: a pack evaluates each member as fit does;
     stage 1 is left out, it is shared through the stage-1 cache). The pack is laid out as `fit_pack`
     lays it out: networks of `stack` members (`adrec.pack.default_stack` when None)."""
-    from adrec.pack import _start_member, default_stack, make_packs
+    from adrec.pack import _start_member, make_packs
 
     if k < 1 or epochs < 1:
         raise ValueError(f"bench --pack needs K >= 1 and epochs >= 1; got K={k}, epochs={epochs}")
     device, data, splits = prepare(cfg)
     cfgs = [cfg.replace(seed=cfg.seed + i, stage_plan="no_pretrain") for i in range(k)]
     env = environment(device)
-    stack = stack or default_stack(device, k)
     packs = make_packs([_start_member(i, c, None, splits, device, env, None) for i, c in enumerate(cfgs)],
                        splits, device, stack)
     solos = []
@@ -164,7 +163,7 @@ def run_pack_bench(cfg: TrialConfig, k: int, epochs: int = 1, trial_epochs: int 
 
     return {
         "dataset": data.name, "users": len(data.train), "items": data.num_items, "device": str(device),
-        "pack_size": k, "stack": stack, "timed_epochs": epochs, "trial_epochs": trial_epochs,
+        "pack_size": k, "stack": len(packs[0].members), "timed_epochs": epochs, "trial_epochs": trial_epochs,
         "pack_s_per_epoch": pack_times, "sequential_s_per_epoch": solo_times,
         "pack_s_per_member_epoch": pack_member, "sequential_s_per_member_epoch": solo_member,
         "pack_over_sequential": pack_member / solo_member,
