@@ -185,47 +185,31 @@ class PackedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if x.dim() not in (3, 4):
+            raise ValueError(f"PackedDropout expects 3-d or 4-d activations; got shape {tuple(x.shape)}")
         k = len(self.ps)
         full = (k, x.shape[0] // k, *x.shape[1:])
-        if x.device.type == "cpu" and x.dim() in (3, 4) and all(r == full[1] for r in self.layout.rows) and all(
-                w == x.shape[-2] for w in self.layout.width) and all(p > 0 for p in self.ps):
-            return x * self._unpadded_cpu_scales(full, x.dtype).view(x.shape)
-        masks, corners = [], []
-        for m, p in enumerate(self.ps):
-            rows, width = self.layout.rows[m], self.layout.width[m]
+        rows_all, width_all = self.layout.rows, self.layout.width
+        whole = all(r == full[1] for r in rows_all) and all(w == x.shape[-2] for w in width_all)  # no padding
+        scales = (torch.empty if whole else torch.ones)(full, dtype=x.dtype, device=x.device)
+        for m, (p, rows, width) in enumerate(zip(self.ps, rows_all, width_all)):
             if rows == 0:
-                masks.append(None)
                 continue
             if x.dim() == 3:
                 shape, corner = (rows, width, x.shape[2]), (m, slice(rows), slice(width))
-            elif x.dim() == 4:
+            else:
                 shape = (rows, x.shape[1], width, width)
                 corner = (m, slice(rows), slice(None), slice(width), slice(width))
-            else:
-                raise ValueError(f"PackedDropout expects 3-d or 4-d activations; got shape {tuple(x.shape)}")
             with self.layout.rngs[m].active():
-                if p == 0 or x.device.type != "cpu":
-                    mask = F.dropout(torch.ones(shape, dtype=x.dtype), p, True)  # all ones at p = 0
-                else:
+                if p > 0 and x.device.type == "cpu" and whole:
+                    keep_scale(torch.Size(shape), p, out=scales[m])  # drawn into its slot: no copy of K masks
+                    continue
+                if p > 0 and x.device.type == "cpu":
                     mask = keep_scale(torch.Size(shape), p)
-            masks.append(mask.to(x.device))
-            corners.append(corner)
-        if all(mask is not None and mask.shape == full[1:] for mask in masks):
-            return x * torch.stack(masks).view(x.shape)  # no padding: no ones to fill in
-        scales = torch.ones(full, dtype=x.dtype, device=x.device)
-        for mask, corner in zip((mask for mask in masks if mask is not None), corners):
-            scales[corner] = mask
+                else:
+                    mask = F.dropout(torch.ones(shape, dtype=x.dtype), p, True)  # all ones at p = 0
+            scales[corner] = mask.to(x.device)
         return x * scales.view(x.shape)
-
-
-    def _unpadded_cpu_scales(self, full: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Every member fills its whole slot (no padding) on CPU: each member's mask is drawn straight
-        into its slice of one tensor (no stack of K masks: on CPU that copy is a pass over memory)."""
-        scales = torch.empty(full, dtype=dtype)
-        for m, p in enumerate(self.ps):
-            with self.layout.rngs[m].active():
-                keep_scale(torch.Size(full[1:]), p, out=scales[m])
-        return scales
 
 
 def stack_models(models: Sequence[nn.Module], layout: Layout) -> nn.Module:
