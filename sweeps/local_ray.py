@@ -26,11 +26,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-# Read by every Ray process we start (RayConfig reads RAY_<name>): generous start-up timeouts.
+# Read by every Ray process we start (RayConfig reads RAY_<name>): generous start-up timeouts, and
+# a GCS that waits 30 s (not 10) for a starved raylet's health-check answer before counting a miss
+# (a node killed outright still refuses at once and is marked dead as fast as before).
 STARTUP_ENV = {
     "RAY_worker_register_timeout_seconds": "600",
     "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
     "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300",
+    "RAY_health_check_timeout_ms": "30000",
 }
 ATTEMPTS = 3
 FIX = ("free memory or CPU (another process may be starving Ray's start-up), remove stale temp space, or join "

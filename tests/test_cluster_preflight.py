@@ -3,22 +3,27 @@
 A CPU-0 head and two workers declaring one GPU each; nodes that misbehave are real raylets too:
 one whose worker processes import a stale copy of the code (PYTHONPATH), one in its own mount
 namespace where the storage directory is hidden under a tmpfs (as a second machine's disk would be).
-This module connects this pytest process to its cluster, so it skips when another test's
-ray.init() already holds the process (run it on its own: `pytest -m cluster tests/test_cluster_preflight.py`).
+The checks run in a driver process of their own (`Driver`), never in pytest's: Ray ends a driver
+whose raylet or GCS it loses with a bare exit(1), which would take the whole test session down
+without a word; here it fails the test, with the dead nodes' own log lines.
 """
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from cluster.local import LocalCluster, free_port, node_ip
+from cluster.local import LocalCluster, free_port, node_failure, node_ip
 from sweeps import preflight
 
 pytestmark = pytest.mark.cluster
@@ -43,30 +48,56 @@ def private_mounts(mount: str) -> list[str]:
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mount} && exec \"$@\"", "sh"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
+class Driver:
+    """One spawned process connected to the cluster with ray.init; `call` runs a function there and
+    returns its value or raises its exception (the exception object itself: pytest.raises matches)."""
 
-    if ray.is_initialized():
-        pytest.skip("another test's ray.init() holds this process; run "
-                    "`pytest -m cluster tests/test_cluster_preflight.py` on its own")
+    def __init__(self, local: LocalCluster) -> None:
+        import ray
+
+        self.local = local
+        self.pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=functools.partial(ray.init, address=local.address, log_to_driver=False))
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.pool.submit(fn, *args, **kwargs).result(timeout=600)
+        except BrokenProcessPool:
+            dead = [f"{n.name}: {node_failure(n)}" for n in self.local.nodes if not n.alive]
+            raise AssertionError(f"the driver process died (Ray exits a driver that lost its raylet or GCS); "
+                                 f"dead nodes: {'; '.join(dead) or 'none'}; logs under {self.local.root}") from None
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
     local = LocalCluster()
     try:
         local.start_head()  # CPU 0, as cluster/gpu.yaml's head
         local.add_worker(num_cpus=1, num_gpus=1)
         local.add_worker(num_cpus=1, num_gpus=1)
-        ray.init(address=local.address, log_to_driver=False)
-        _wait_alive(3)
         yield local
     finally:
-        ray.shutdown()
         local.stop()
 
 
-def _wait_alive(count: int, timeout_s: float = 60) -> list[dict]:
+@pytest.fixture(scope="module")
+def driver(cluster: LocalCluster) -> Iterator[Driver]:
+    connected = Driver(cluster)
+    try:
+        _wait_alive(connected, 3)
+        yield connected
+    finally:
+        connected.close()
+
+
+def _wait_alive(driver: Driver, count: int, timeout_s: float = 60) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = preflight.live_nodes()
+        alive = driver.call(preflight.live_nodes)
         if len(alive) == count:
             return alive
         time.sleep(0.2)
@@ -74,16 +105,17 @@ def _wait_alive(count: int, timeout_s: float = 60) -> list[dict]:
 
 
 @contextmanager
-def _odd_worker(local: LocalCluster, mount: str) -> Iterator[tuple[str, list[dict]]]:
+def _odd_worker(driver: Driver, mount: str) -> Iterator[tuple[str, list[dict]]]:
     """A fourth node whose processes see `mount` privately; yields its node id and the live nodes,
     and removes it afterwards."""
+    local = driver.local
     odd = local.add_worker(num_cpus=1, wrap=private_mounts(mount))
     try:
-        live = _wait_alive(4)
+        live = _wait_alive(driver, 4)
         yield local.node_ids(live)[odd.name], live
     finally:
         local.kill(odd, signal.SIGTERM)  # graceful: the GCS marks it dead at once
-        _wait_alive(3)
+        _wait_alive(driver, 3)
 
 
 # ------------------------------------------------------------------------------------- address
@@ -114,25 +146,25 @@ def test_check_address_rejects_malformed_addresses(address, message):
 
 
 # ------------------------------------------------------------------------------------- gpu request
-def test_gpu_request_that_fits_a_live_node_passes(cluster):
-    preflight.check_gpu_request(0.5, 1)  # two trials per declared GPU
-    preflight.check_gpu_request(1, 1)
+def test_gpu_request_that_fits_a_live_node_passes(driver):
+    driver.call(preflight.check_gpu_request, 0.5, 1)  # two trials per declared GPU
+    driver.call(preflight.check_gpu_request, 1, 1)
 
 
 @pytest.mark.parametrize("gpus, cpus, message", [
     (2, 1, r"asks for 2 GPU and 1 CPU on one node.*lower --gpus-per-trial to at most 1 "),
     (1, 2, r"asks for 1 GPU and 2 CPU.*--cpus-per-trial to at most 1,"),
 ], ids=["too-many-gpus", "too-many-cpus"])
-def test_gpu_request_no_node_offers_names_every_node(cluster, gpus, cpus, message):
+def test_gpu_request_no_node_offers_names_every_node(driver, gpus, cpus, message):
     with pytest.raises(RuntimeError, match=message) as info:
-        preflight.check_gpu_request(gpus, cpus, autoscaler_config=None)
+        driver.call(preflight.check_gpu_request, gpus, cpus, autoscaler_config=None)
     assert str(info.value).count("1 CPU, 1 GPU") == 2 and "0 CPU, 0 GPU" in str(info.value)  # workers, head
 
 
-def test_gpu_request_counts_node_types_the_autoscaler_can_add(cluster):
-    preflight.check_gpu_request(2, 2, autoscaler_config=FAKE_AUTOSCALER)  # gpu2x: 2 CPU, 2 GPU
+def test_gpu_request_counts_node_types_the_autoscaler_can_add(driver):
+    driver.call(preflight.check_gpu_request, 2, 2, autoscaler_config=FAKE_AUTOSCALER)  # gpu2x: 2 CPU, 2 GPU
     with pytest.raises(RuntimeError, match=r"node type gpu2x \(autoscaler\): 2 CPU, 2 GPU.*at most 2 "):
-        preflight.check_gpu_request(4, 1, autoscaler_config=FAKE_AUTOSCALER)
+        driver.call(preflight.check_gpu_request, 4, 1, autoscaler_config=FAKE_AUTOSCALER)
 
 
 @pytest.mark.parametrize("gpus, cpus, message", [
@@ -146,44 +178,44 @@ def test_gpu_request_impossible_values(gpus, cpus, message):
 
 
 # ------------------------------------------------------------------------------------- versions
-def test_every_node_runs_the_drivers_code(cluster):
-    preflight.check_node_versions()
-    driver = preflight.code_versions()
-    assert len(driver["code"]) == 16 and driver["python"].startswith("3.")
+def test_every_node_runs_the_drivers_code(driver):
+    driver.call(preflight.check_node_versions)
+    versions = driver.call(preflight.code_versions)
+    assert len(versions["code"]) == 16 and versions["python"].startswith("3.")
 
 
 @needs_unshare
-def test_a_node_with_stale_code_is_named(cluster, tmp_path):
+def test_a_node_with_stale_code_is_named(driver, tmp_path):
     stale = tmp_path / "adrec"
     shutil.copytree(REPO / "adrec", stale, ignore=shutil.ignore_patterns("__pycache__"))
     with (stale / "config.py").open("a") as f:
         f.write("\n# an edit the driver does not have\n")
     # This node sees the stale copy at the repository's own path (Ray puts the driver's working
     # directory first on every worker's sys.path): a node whose synced directory is out of date.
-    with _odd_worker(cluster, f"mount --bind {stale} {REPO / 'adrec'}") as (odd_id, live):
+    with _odd_worker(driver, f"mount --bind {stale} {REPO / 'adrec'}") as (odd_id, live):
         with pytest.raises(RuntimeError, match=rf"node {odd_id} \(\S+\): code [0-9a-f]{{16}} != driver "
                                                rf"{preflight.code_versions()['code']}.*ray job submit --working-dir"
                            ) as info:
-            preflight.check_node_versions()
+            driver.call(preflight.check_node_versions)
         others = [n["NodeID"] for n in live if n["NodeID"] != odd_id]
         assert not any(other in str(info.value) for other in others)  # only the stale node
 
 
 # ------------------------------------------------------------------------------------- storage
-def test_storage_every_node_sees_passes_and_leaves_no_marker(cluster, tmp_path):
+def test_storage_every_node_sees_passes_and_leaves_no_marker(driver, tmp_path):
     storage = tmp_path / "storage"
-    preflight.check_storage_visible(str(storage))
+    driver.call(preflight.check_storage_visible, str(storage))
     assert storage.is_dir() and list(storage.iterdir()) == []
 
 
 @needs_unshare
-def test_a_node_that_cannot_see_the_storage_is_named(cluster, tmp_path):
+def test_a_node_that_cannot_see_the_storage_is_named(driver, tmp_path):
     storage = tmp_path / "storage"
     storage.mkdir()
     # This node's processes see an empty tmpfs at `storage`: the same path, another disk.
-    with _odd_worker(cluster, f"mount -t tmpfs none {storage}") as (odd_id, _):
+    with _odd_worker(driver, f"mount -t tmpfs none {storage}") as (odd_id, _):
         with pytest.raises(RuntimeError, match=rf"is not visible on every node \(1 of 4 cannot read the driver's "
                                                rf"marker\): node {odd_id} \(\S+\): cannot read .*FileNotFound.*"
                                                rf"an s3:// or gs:// URI .*a folder every node mounts at the same path \(NFS/EFS\)"):
-            preflight.check_storage_visible(str(storage), timeout_s=30)
+            driver.call(preflight.check_storage_visible, str(storage), timeout_s=30)
         assert list(storage.iterdir()) == []
