@@ -39,6 +39,7 @@ import copy
 import fcntl
 import itertools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -258,28 +259,37 @@ def compact(stacked: nn.Module, keep: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 class MemberAdam:
     """torch.optim.Adam for each member over its slices of the stacked parameters: the state
-    (step, exp_avg, exp_avg_sq) is stacked too, and each member's step calls torch's own Adam
-    function with its lr and weight decay, so it equals a solo torch.optim.Adam on that member.
-    A (parameter, member) pair without a gradient is skipped, state and step count untouched, as
+    (step, exp_avg, exp_avg_sq) is stacked too, and torch's own Adam function updates each
+    member's slices with its lr and weight decay, so a member equals a solo torch.optim.Adam.
+    Members that share lr, weight decay and the parameters with a gradient go through one call
+    (on a GPU one set of foreach kernels for them all; the arithmetic stays per tensor). A
+    (parameter, member) pair without a gradient is skipped, state and step count untouched, as
     torch.optim.Adam skips a parameter whose .grad is None."""
 
-    def __init__(self, params: Sequence[nn.Parameter], k: int):
+    def __init__(self, params: Sequence[nn.Parameter], k: int, foreach: bool | None = None):
         self.params = list(params)
+        self.foreach = self.params[0].device.type == "cuda" if foreach is None else foreach
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.steps = [[torch.tensor(0.0) for _ in range(k)] for _ in self.params]
 
     @torch.no_grad()
-    def step(self, m: int, grads: Sequence[torch.Tensor | None], lr: float, weight_decay: float) -> None:
-        chosen = [i for i, g in enumerate(grads) if g is not None]
-        if not chosen:
-            return
-        adam(
-            [self.params[i].data[m] for i in chosen], [grads[i] for i in chosen],
-            [self.exp_avg[i][m] for i in chosen], [self.exp_avg_sq[i][m] for i in chosen], [],
-            [self.steps[i][m] for i in chosen], foreach=self.params[0].device.type == "cuda",
-            amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=weight_decay,
-            eps=ADAM_EPS, maximize=False)
+    def step(self, updates: Sequence[tuple[int, Sequence[torch.Tensor | None], float, float]]) -> None:
+        """One step of each member in `updates`: (member, its gradient per parameter or None, lr,
+        weight decay)."""
+        groups: dict[tuple[float, float, tuple[int, ...]], list[tuple[int, Sequence[torch.Tensor | None]]]] = {}
+        for m, grads, lr, weight_decay in updates:
+            chosen = tuple(i for i, g in enumerate(grads) if g is not None)
+            if chosen:
+                groups.setdefault((lr, weight_decay, chosen), []).append((m, grads))
+        for (lr, weight_decay, chosen), members in groups.items():
+            pairs = [(m, i) for m, _ in members for i in chosen]
+            adam(
+                [self.params[i].data[m] for m, i in pairs], [grads[i] for _, grads in members for i in chosen],
+                [self.exp_avg[i][m] for m, i in pairs], [self.exp_avg_sq[i][m] for m, i in pairs], [],
+                [self.steps[i][m] for m, i in pairs], foreach=self.foreach,
+                amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=weight_decay,
+                eps=ADAM_EPS, maximize=False)
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the members `keep`; call after the parameters were compacted."""
@@ -509,17 +519,21 @@ class Pack:
         for j in range(max(map(len, parts))):
             current = [p[j] if j < len(p) and not member.diverged else None
                        for p, member in zip(parts, self.members)]
-            total, tasks = None, {}
+            weighted = {}  # member -> (CE, MSE or None, loss) of this part
             for m, (member, part, losses) in enumerate(zip(self.members, current, self._losses(current, where))):
-                if losses is None:
+                if losses is not None:
+                    ce = losses[0] * part.ce_share
+                    mse = losses[1] * part.mse_share if losses[1] is not None else None
+                    weighted[m] = (ce, mse, ce if mse is None else ce + member.cfg.mse_weight * mse)
+            # Every member's loss value in one host sync (on a GPU, one per member would stall it K times).
+            values = torch.stack([loss.detach() for _, _, loss in weighted.values()]).tolist() if weighted else []
+            total, tasks = None, {}
+            for (m, (ce, mse, _)), value in zip(weighted.items(), values):
+                member = self.members[m]
+                if not math.isfinite(value):
+                    member.diverged = f"training loss became {value:.4g} at epoch {where}"
                     continue
-                ce = losses[0] * part.ce_share
-                mse = losses[1] * part.mse_share if losses[1] is not None else None
-                loss = ce if mse is None else ce + member.cfg.mse_weight * mse
-                if not torch.isfinite(loss):
-                    member.diverged = f"training loss became {loss.item():.4g} at epoch {where}"
-                    continue
-                batch_loss[m] += loss.item()
+                batch_loss[m] += value
                 if mse is None:  # stage 1: CE alone (PCGrad has nothing to project)
                     total = ce if total is None else total + ce
                     continue
@@ -532,13 +546,15 @@ class Pack:
                 total.backward(retain_graph=bool(tasks))
             if tasks:
                 self._pcgrad(tasks, where)
+        updates = []
         for m, member in enumerate(self.members):
             if batch_loss[m] is None or member.diverged:
                 continue
             if batch_loss[m] > DIVERGED_LOSS:
                 member.diverged = f"training loss became {batch_loss[m]:.4g} at epoch {where}"
                 continue
-            self.optimizer.step(m, self._grads(m, member, where), member.lr, member.cfg.weight_decay)
+            updates.append((m, self._grads(m, member, where), member.lr, member.cfg.weight_decay))
+        self.optimizer.step(updates)
         return [None if loss is None or member.diverged else (loss, n)
                 for loss, n, member in zip(batch_loss, counts, self.members)]
 

@@ -124,35 +124,40 @@ def test_baselines_are_refused() -> None:
         check_packable([TrialConfig(model="sasrec")])
 
 
-def test_member_adam_is_torch_adam_per_member() -> None:
-    """Stacked members with their own lr and weight decay, one of them skipping a parameter for
-    two steps (as the frozen warm-up table), step for step bitwise equal to torch.optim.Adam."""
+@pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
+def test_member_adam_is_torch_adam_per_member(foreach: bool) -> None:
+    """Stacked members, two sharing lr and weight decay (one Adam call), one with its own; a member
+    skipping a parameter for two steps (as the frozen warm-up table) is its own call until it
+    rejoins: step for step bitwise equal to torch.optim.Adam. The foreach variant is the GPU's."""
     torch.manual_seed(0)
-    lrs, decays = [1e-3, 3e-2, 5e-4], [0.0, 1e-2, 1e-5]
+    lrs, decays = [1e-3, 3e-2, 1e-3], [1e-5, 1e-2, 1e-5]
     shapes = [(5, 4), (4,)]
     stacked = [torch.nn.Parameter(torch.randn(3, *s)) for s in shapes]
     solos = [[torch.nn.Parameter(p.data[m].clone()) for p in stacked] for m in range(3)]
-    ours = MemberAdam(stacked, 3)
-    theirs = [torch.optim.Adam(ps, lr=lr, weight_decay=wd) for ps, lr, wd in zip(solos, lrs, decays)]
+    ours = MemberAdam(stacked, 3, foreach=foreach)
+    theirs = [torch.optim.Adam(ps, lr=lr, weight_decay=wd, foreach=foreach)
+              for ps, lr, wd in zip(solos, lrs, decays)]
     for step in range(6):
         grads = [torch.randn(3, *s) for s in shapes]
+        updates = []
         for m in range(3):
-            skip = m == 1 and step < 2
+            skip = m == 2 and step < 2
             member_grads = [None if skip and i == 0 else g[m] for i, g in enumerate(grads)]
-            ours.step(m, member_grads, lrs[m], decays[m])
+            updates.append((m, member_grads, lrs[m], decays[m]))
             for p, g in zip(solos[m], member_grads):
                 p.grad = None if g is None else g.clone()
             theirs[m].step()
+        ours.step(updates)
     for m in range(3):
         for p, q in zip(stacked, solos[m]):
             assert torch.equal(p.data[m], q.data)
-    assert not torch.equal(stacked[0].data[1], solos[0][0].data)  # the members did differ
+    assert not torch.equal(stacked[0].data[2], solos[0][0].data)  # the members did differ
 
 
 def test_member_adam_compacts_to_the_members_left() -> None:
     stacked = [torch.nn.Parameter(torch.zeros(3, 2))]
     adam = MemberAdam(stacked, 3)
-    adam.step(2, [torch.ones(2)], 0.1, 0.0)
+    adam.step([(2, [torch.ones(2)], 0.1, 0.0)])
     stacked[0].data = stacked[0].data[torch.tensor([0, 2])]
     adam.compact(torch.tensor([0, 2]))
     assert adam.exp_avg[0].shape == (2, 2) and adam.steps[0][1].item() == 1.0 and adam.steps[0][0].item() == 0.0
