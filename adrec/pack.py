@@ -113,6 +113,11 @@ class Layout:
     rngs: list[MemberRNG]
     rows: list[int] = field(default_factory=list)
     width: list[int] = field(default_factory=list)
+    # From the host copy of the pass's batch, so a GPU pass never waits to read them back:
+    host_segment: torch.Tensor | None = None  # (K, r, w) segment ids
+    target_index: list[torch.Tensor] = field(default_factory=list)  # per member, on the device: flat
+    # indices into the pass's K * r * w positions of those with a target, in row-major order (the
+    # positions, and the order, that boolean indexing with `tgt > 0` selects)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +390,10 @@ class Pack:
                 out[0, m, :rows[m], :width[m]] = p.rows.seq
                 out[1, m, :rows[m], :width[m]] = p.rows.tgt
                 out[2, m, :rows[m], :width[m]] = p.rows.segment
-        self.layout.rows, self.layout.width = rows, width
+        valid = out[1] > 0
+        self.layout.rows, self.layout.width, self.layout.host_segment = rows, width, out[2]
+        self.layout.target_index = list(valid.view(-1).nonzero().squeeze(1).to(self.device)
+                                        .split(valid.view(k, -1).sum(1).tolist()))
         seq, tgt, seg = (t.reshape(k * r, w).to(self.device) for t in out)
         return seq, tgt, seg
 
@@ -400,7 +408,7 @@ class Pack:
             rows, width = self.layout.rows[m], self.layout.width[m]
             if rows == 0:
                 continue
-            seg_m = seg[m, :rows, :width].cpu()
+            seg_m = self.layout.host_segment[m, :rows, :width]
             with member.rng.active():
                 if member.cfg.noise_level == "token":
                     t_m = torch.randint(0, steps, (rows, width))
@@ -462,8 +470,8 @@ class Pack:
         x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
         x0_hat = self._denoise(c, x_t, t, ctx)
         shape = (k, rows_each, seq.shape[1])
-        x0_hat, x0 = x0_hat.view(*shape, -1), x0.view(*shape, -1)
-        valid, tgt, segment = valid.view(shape), tgt.view(shape), segment.view(shape)
+        flat_hat, flat_tgt = x0_hat.reshape(-1, x0_hat.shape[-1]), tgt.view(-1)
+        x0_hat, x0, segment = x0_hat.view(*shape, -1), x0.view(*shape, -1), segment.view(shape)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for m, member in enumerate(self.members):
             rows, width = self.layout.rows[m], self.layout.width[m]
@@ -475,23 +483,18 @@ class Pack:
             weight = model.item_emb.weight[m]
             if member.warm_up(epoch):
                 weight = weight.detach()  # as the solo run's frozen table: no gradient computed
-            v = valid[corner]
-            out.append((linear_cross_entropy(x0_hat[corner][v], weight, tgt[corner][v]), mse))
+            at = self.layout.target_index[m]
+            out.append((linear_cross_entropy(flat_hat[at], weight, flat_tgt[at]), mse))
         return out
 
     def _pretraining_losses(self, seq: torch.Tensor, tgt: torch.Tensor, segment: torch.Tensor
                             ) -> list[tuple[torch.Tensor, None] | None]:
-        k = len(self.members)
         h = self.model.encode(seq, segment)
-        shape = (k, seq.shape[0] // k, seq.shape[1])
-        h, valid, tgt = h.view(*shape, -1), (tgt > 0).view(shape), tgt.view(shape)
+        flat_h, flat_tgt = h.reshape(-1, h.shape[-1]), tgt.view(-1)
         out: list[tuple[torch.Tensor, None] | None] = []
-        for m in range(k):
-            rows, width = self.layout.rows[m], self.layout.width[m]
-            corner = (m, slice(rows), slice(width))
-            v = valid[corner]
-            out.append(None if rows == 0 else
-                       (linear_cross_entropy(h[corner][v], self.model.item_emb.weight[m], tgt[corner][v]), None))
+        for m, at in enumerate(self.layout.target_index):
+            out.append(None if self.layout.rows[m] == 0 else
+                       (linear_cross_entropy(flat_h[at], self.model.item_emb.weight[m], flat_tgt[at]), None))
         return out
 
     # --- one optimiser step per member ----------------------------------------------------------

@@ -272,7 +272,8 @@ class Driver:
                     name=phase, storage_path=self.store.experiments, storage_filesystem=fs,
                     failure_config=tune.FailureConfig(max_failures=self.args.max_failures),
                     # num_to_keep=1 also makes Ray sync the experiment state after every checkpoint,
-                    # so a kill loses at most the evaluation in flight.
+                    # so a kill loses at most the evaluation in flight (the checkpoint it replaces
+                    # stays until the stored state stops naming it: sweeps.storage).
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     callbacks=[SweepTensorBoard(tuple(p.field for p in self.plan.space.params)),
                                SweepProgress(self.plan.name, phase, self.env)],

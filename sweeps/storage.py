@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -251,8 +252,9 @@ class _AtomicFile:
     """A file written under a temp name and renamed into place (after fsync) only when every write
     succeeded: a full disk leaves the previous version, never a truncated one."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_commit: Any = None) -> None:
         self.path = path
+        self.on_commit = on_commit  # called with the path once the file is in place
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)  # as pyarrow's LocalFileSystem does
         self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
@@ -291,6 +293,8 @@ class _AtomicFile:
                 Path(self.tmp).unlink(missing_ok=True)
             else:
                 os.replace(self.tmp, self.path)
+                if self.on_commit is not None:
+                    self.on_commit(self.path)
 
     def __del__(self) -> None:  # a writer that gave up without closing (pyarrow after an error)
         if not getattr(self, "closed", True):
@@ -312,6 +316,40 @@ class _AtomicFile:
 
     def tell(self) -> int:
         return self._f.tell()
+
+
+# --- checkpoints Ray deletes: kept while the experiment state on storage still names them --------
+# Ray deletes a trial's older checkpoint the moment it registers a newer one (num_to_keep=1), but
+# the experiment state on storage names the older one until its next upload: a driver killed in
+# between leaves a state whose checkpoint is gone, and `--resume` fails that trial ("Could not
+# recover from checkpoint as it does not exist on storage anymore"). So a checkpoint folder Ray
+# deletes is only put aside, and removed once an uploaded experiment state no longer names it (the
+# state holds each trial's checkpoint path inside hex-encoded pickles). One list per driver process.
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d{6}$")
+EXPERIMENT_STATE = re.compile(r"experiment_state-.*\.json$")
+_put_aside: set[str] = set()
+_put_aside_lock = threading.Lock()
+
+
+def _named_in(state: str, checkpoint: str) -> bool:
+    """Whether an experiment state's text names `checkpoint` (as `<trial dir>/checkpoint_NNNNNN`,
+    plain or hex-encoded)."""
+    name = "/".join(Path(checkpoint).parts[-2:])
+    return name in state or name.encode().hex() in state
+
+
+def _release_checkpoints(state_path: str) -> None:
+    """Delete the put-aside checkpoints the just-written experiment state no longer names."""
+    try:
+        state = Path(state_path).read_text(errors="replace")
+    except OSError as exc:  # keep them: the next state upload tries again
+        log.warning("could not read back %s (%s); older checkpoints kept for now", state_path, exc)
+        return
+    with _put_aside_lock:
+        done = {c for c in _put_aside if not _named_in(state, c)}
+        _put_aside.difference_update(done)
+    for checkpoint in done:
+        shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _atomic_handler_class() -> type:
@@ -349,6 +387,10 @@ def _atomic_handler_class() -> type:
             self.fs.create_dir(path, recursive=recursive)
 
         def delete_dir(self, path: str) -> None:
+            if CHECKPOINT_DIR.search(path.rstrip("/")):
+                with _put_aside_lock:
+                    _put_aside.add(path.rstrip("/"))
+                return
             self.fs.delete_dir(path)
 
         def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
@@ -382,7 +424,8 @@ def _atomic_handler_class() -> type:
             return self.fs.open_input_file(path)
 
         def open_output_stream(self, path: str, metadata: Any = None) -> Any:
-            return pyarrow.PythonFile(_AtomicFile(path), mode="w")
+            on_commit = _release_checkpoints if EXPERIMENT_STATE.search(path) else None
+            return pyarrow.PythonFile(_AtomicFile(path, on_commit), mode="w")
 
         def open_append_stream(self, path: str, metadata: Any = None) -> Any:
             return self.fs.open_append_stream(path)

@@ -429,3 +429,33 @@ def test_a_raylet_dying_at_start_is_reported_with_its_log_and_the_logs_stay():
         assert any(cluster.root.glob("worker1/session_*/logs/raylet.out"))
     finally:
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def test_a_checkpoint_ray_deletes_stays_while_the_stored_experiment_state_names_it(tmp_path):
+    """Ray deletes a trial's older checkpoint when it registers a newer one, before the experiment
+    state naming the older one is replaced on storage; the sweep's filesystem keeps the folder
+    until an uploaded state no longer names it (a SIGKILL in between once failed `--resume`)."""
+    import pickle
+
+    from sweeps.storage import atomic_local_filesystem
+
+    fs = atomic_local_filesystem()
+    trial = tmp_path / "optimize" / "optimize_ml-100k_0001"
+    old, new, other = trial / "checkpoint_000000", trial / "checkpoint_000001", tmp_path / "scratch"
+    for folder in (old, new, other):
+        folder.mkdir(parents=True)
+        (folder / "f.json").write_text("{}")
+
+    def upload_state(name: str, checkpoint: Path) -> None:  # as Ray stores a trial: a hex pickle
+        blob = pickle.dumps({"path": str(checkpoint)}).hex()
+        with fs.open_output_stream(str(tmp_path / "optimize" / name)) as out:
+            out.write(json.dumps({"trial_data": [blob]}).encode())
+
+    fs.delete_dir(str(other))
+    assert not other.exists()  # anything but a checkpoint goes at once
+    fs.delete_dir(str(old))
+    assert old.is_dir()
+    upload_state("experiment_state-1.json", old)  # written before the deletion: still names it
+    assert old.is_dir()
+    upload_state("experiment_state-2.json", new)
+    assert not old.exists() and new.is_dir()
