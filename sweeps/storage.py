@@ -340,6 +340,9 @@ def _named_in(state: str, checkpoint: str) -> bool:
 
 def _release_checkpoints(state_path: str) -> None:
     """Delete the put-aside checkpoints the just-written experiment state no longer names."""
+    with _put_aside_lock:
+        if not _put_aside:
+            return
     try:
         state = Path(state_path).read_text(errors="replace")
     except OSError as exc:  # keep them: the next state upload tries again
