@@ -22,6 +22,13 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's Ray is a `cluster` test (`pytest -m "not cluster"`: the tests without Ray)."""
+    for item in items:
+        if "ray_address" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def ray_address():
     """The GCS address of this session's private Ray (2 CPUs), started on first use."""

@@ -310,6 +310,7 @@ def test_sigkill_mid_packed_sweep_then_resume_runs_each_member_once(tmp_path, ra
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # its driver starts its own Ray
 def test_packed_sweep_on_s3_keeps_every_members_record(tmp_path, s3_env):
     """The driver reads trials back from its local mirror of the bucket: pack records must be copied,
     and the rows name the sweep, not the mirror folder."""

@@ -138,6 +138,7 @@ def test_a_second_driver_is_refused_and_a_dead_drivers_lock_is_taken_over(tmp_pa
 # Ray start-up
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.cluster  # its driver starts its own Ray
 def test_a_ray_that_cannot_start_is_one_line_and_exit_2(tmp_path):
     """The GCS port is taken (RAY_GCS_SERVER_PORT names a port this test holds): no retry, one line."""
     with socket.socket() as busy:
@@ -157,6 +158,7 @@ def test_a_ray_that_cannot_start_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # its driver starts its own Ray
 def test_without_address_the_sweep_never_joins_a_ray_start_cluster(tmp_path):
     """A `ray start --head` cluster that `ray.init()` would find (its address file under RAY_TMPDIR):
     the sweep without --address runs its trial on a private Ray instead."""
@@ -373,6 +375,7 @@ def _s3(env: dict):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # its driver starts its own Ray
 def test_s3_sweep_resumes_from_the_bucket_on_a_new_head(tmp_path, s3_env):
     import pyarrow.fs
 
