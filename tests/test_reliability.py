@@ -74,6 +74,24 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(60)
 
 
+def kill_machine(proc: subprocess.Popen, tmpdir: Path) -> None:
+    """SIGKILL a driver's process group and every process it left in sessions of their own (Ray
+    starts its workers so): all that run with TMPDIR=tmpdir, as if that machine went away; returns
+    once they are gone, so nothing writes under `tmpdir` any more."""
+    import psutil
+
+    kill_group(proc)
+    left = []
+    for candidate in psutil.process_iter():
+        try:
+            if candidate.environ().get("TMPDIR") == str(tmpdir):
+                candidate.kill()
+                left.append(candidate)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=60)
+
+
 # ------------------------------------------------------------------------------------------------
 # No Ray needed
 # ------------------------------------------------------------------------------------------------
@@ -393,7 +411,7 @@ def test_s3_sweep_resumes_from_the_bucket_on_a_new_head(tmp_path, s3_env):
     try:
         wait_for(lambda: progress(mirror1).get("finished", 0) >= 2, 600, proc, "two trials finished on S3")
     finally:
-        kill_group(proc)  # the head is gone: driver, its Ray, its disk
+        kill_machine(proc, head1)  # the head is gone: driver, its Ray, its disk
     shutil.rmtree(head1)
     out = subprocess.run(sweep_cmd(space, uri, "--resume", "--name", "s3sweep", "--quiet"), cwd=REPO,
                          env={**env, "TMPDIR": str(head2)}, capture_output=True, text=True, timeout=900)
