@@ -228,10 +228,14 @@ class LocalCluster:
                 return json.loads(lines[-1])
         except ValueError:
             pass
-        dead = [f"{n.name}: {node_failure(n)}" for n in self.nodes if not n.alive]
+        dead = self.dead_nodes()
         raise RuntimeError(f"driver on {self.address} failed (exit {out.returncode}, last line "
-                           f"{(lines or ['(none)'])[-1][:200]!r})" + (f"; dead nodes: {'; '.join(dead)}" if dead else "")
+                           f"{(lines or ['(none)'])[-1][:200]!r})" + (f"; dead nodes: {dead}" if dead else "")
                            + f"\n{out.stderr[-3000:]}")
+
+    def dead_nodes(self) -> str:
+        """`name: what its logs say; ...` for each node of this cluster that died ("" when none)."""
+        return "; ".join(f"{n.name}: {node_failure(n)}" for n in self.nodes if not n.alive)
 
     def live_nodes(self) -> list[dict[str, Any]]:
         """`ray.nodes()` of the live nodes, each with NodeID, NodeManagerPort and Resources."""

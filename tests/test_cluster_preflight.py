@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from cluster.local import LocalCluster, free_port, node_failure, node_ip
+from cluster.local import LocalCluster, free_port, node_ip
 from sweeps import preflight
 
 pytestmark = pytest.mark.cluster
@@ -64,9 +64,9 @@ class Driver:
         try:
             return self.pool.submit(fn, *args, **kwargs).result(timeout=600)
         except BrokenProcessPool:
-            dead = [f"{n.name}: {node_failure(n)}" for n in self.local.nodes if not n.alive]
             raise AssertionError(f"the driver process died (Ray exits a driver that lost its raylet or GCS); "
-                                 f"dead nodes: {'; '.join(dead) or 'none'}; logs under {self.local.root}") from None
+                                 f"dead nodes: {self.local.dead_nodes() or 'none'}; logs under {self.local.root}"
+                                 ) from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
