@@ -22,23 +22,24 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class RankingMetrics:
-    """Accumulates per-user HR@k and NDCG@k sums; `result()` gives means over users."""
+    """Accumulates per-user HR@k and NDCG@k sums on the scores' device (read back once, by
+    `result()`, so a GPU evaluation does not wait on every batch); `result()` gives means over users."""
 
     def __init__(self, ks: tuple[int, ...] = KS):
         self.ks = ks
-        self.sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in ("HR", "NDCG") for k in ks}
+        self.names = [f"{m}@{k}" for m in ("HR", "NDCG") for k in ks]
+        self.totals: torch.Tensor | None = None  # float64, in the order of `names`
         self.users = 0
 
     def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
         ranks = target_ranks(scores, targets)
         gains = 1.0 / torch.log2(ranks.double() + 2.0)
-        for k in self.ks:
-            hit = ranks < k
-            self.sums[f"HR@{k}"] += hit.sum().item()
-            self.sums[f"NDCG@{k}"] += (gains * hit).sum().item()
+        hits = [ranks < k for k in self.ks]
+        batch = torch.stack([hit.sum().double() for hit in hits] + [(gains * hit).sum() for hit in hits])
+        self.totals = batch if self.totals is None else self.totals + batch
         self.users += int(targets.shape[0])
 
     def result(self) -> dict[str, float]:
-        if self.users == 0:
+        if self.users == 0 or self.totals is None:
             raise ValueError("no users were evaluated: the evaluation split is empty")
-        return {name: total / self.users for name, total in self.sums.items()}
+        return {name: total / self.users for name, total in zip(self.names, self.totals.tolist())}

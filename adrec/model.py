@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ class KV:
 
 
 class Attention(nn.Module):
-    explicit = False  # True: always the explicit softmax below (a pack draws each member's dropout)
+    explicit = False  # True: the explicit softmax below while training (a pack draws each member's dropout)
 
     def __init__(self, dim: int, heads: int, dropout: float, rotary: Rotary | None = None):
         super().__init__()
@@ -214,7 +215,8 @@ class Attention(nn.Module):
         q = self._split(self.q(x))  # (B, H, Lq, dh)
         if self.rotary is not None and pos is not None:
             q = self.rotary(q, pos)
-        if self.explicit or padded_rows is not None or (q.device.type == "cpu" and (self.training or q.shape[2] == 1)):
+        if (padded_rows is not None or (self.explicit and self.training)
+                or (q.device.type == "cpu" and (self.training or q.shape[2] == 1))):
             # SDPA's own math: on CPU its dropout draws a per-element bernoulli_ mask (the cheaper
             # mask above is 3-4x faster), and for the sampler's single query two matmuls beat it.
             scores = (q @ kv.k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -472,39 +474,48 @@ class ADRec(nn.Module):
         (noise[t + 1]) (for tests); `naive` recomputes the whole denoiser at every step instead of
         caching the history; `trace` receives (x̂_0, x_{t-1}) of the last position per step.
         """
+        x_last = self.sample_next(seq, noise, naive, trace)
+        return padding_scored(x_last @ self.item_emb.weight.T, self.cfg.score_padding_item)
+
+    @torch.no_grad()
+    def sample_next(self, seq: torch.Tensor, noise: torch.Tensor | None = None, naive: bool = False,
+                    trace: list | None = None, adm: Callable[..., tuple[torch.Tensor, list[KV]]] | None = None,
+                    step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """The denoised embedding (B, D) of the item after `seq` (see `score_all`). `adm` (called as
+        Denoiser.forward) and `step` (as ScheduleTensors.step) replace this model's own: a pack
+        passes its members' λ and noise schedules, one per block of rows."""
         b, l = seq.shape
-        d = self.cfg.hidden_size
         if noise is None:
-            noise = torch.randn(self.steps + 1, b, d, device=seq.device)
+            noise = torch.randn(self.steps + 1, b, self.cfg.hidden_size, device=seq.device)
         c, ctx = self.encode(seq)
         denoise = self._denoise_naive if naive else self._denoise_cached
-        x_last = denoise(seq, c, ctx, noise, trace)
-        return padding_scored(x_last @ self.item_emb.weight.T, self.cfg.score_padding_item)
+        return denoise(seq, c, ctx, noise, trace, adm or self.adm, step or self.schedule().step)
 
     def _prefix_targets(self, seq: torch.Tensor) -> torch.Tensor:
         """Clean targets of the history positions: the next item of each, i.e. seq shifted left."""
         return self.item_emb(seq[:, 1:])  # (B, L-1, D)
 
     def _denoise_naive(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor,
-                       trace: list | None) -> torch.Tensor:
+                       trace: list | None, adm: Callable[..., tuple[torch.Tensor, list[KV]]],
+                       step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         b, l = seq.shape
-        sched = self.schedule()
         prefix = self._prefix_targets(seq)
         x = noise[0]
         for i in reversed(range(self.steps)):
             x_t = torch.cat([prefix, x.unsqueeze(1)], dim=1)  # (B, L, D), history at t = 0
             t = torch.zeros(b, l, dtype=torch.long, device=seq.device)
             t[:, -1] = i
-            x0_hat, _ = self.adm(c, x_t, t, ctx)
-            x = sched.step(x0_hat[:, -1], x, i, noise[i + 1])
+            x0_hat, _ = adm(c, x_t, t, ctx)
+            x = step(x0_hat[:, -1], x, i, noise[i + 1])
             if trace is not None:
                 trace.append((x0_hat[:, -1], x))
         return x
 
     def _denoise_cached(self, seq: torch.Tensor, c: torch.Tensor, ctx: Context, noise: torch.Tensor,
-                        trace: list | None) -> torch.Tensor:
+                        trace: list | None, adm: Callable[..., tuple[torch.Tensor, list[KV]]],
+                        step: Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         b, l = seq.shape
-        sched = self.schedule()
         x = noise[0]
         past = None
         if l > 1 and self.cfg.denoiser == "transformer":
@@ -514,7 +525,7 @@ class ADRec(nn.Module):
                               memory_mask=ctx.memory_mask[:, :, :p, :],
                               padded_rows=_rows(ctx.padded_rows, slice(None, p)))
             t0 = torch.zeros(b, p, dtype=torch.long, device=seq.device)
-            _, past = self.adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c, kv_only=True)
+            _, past = adm(c[:, :p], self._prefix_targets(seq), t0, pre_ctx, c_memory=c, kv_only=True)
             past = [kv.with_room(1) for kv in past]
         last_ctx = Context(mask=ctx.mask[:, :, -1:, :], pos_q=ctx.pos_q[:, -1:],
                            memory_mask=ctx.memory_mask[:, :, -1:, :],
@@ -522,8 +533,8 @@ class ADRec(nn.Module):
         c_last = c[:, -1:]
         for i in reversed(range(self.steps)):
             t = torch.full((b, 1), i, dtype=torch.long, device=seq.device)
-            x0_hat, _ = self.adm(c_last, x.unsqueeze(1), t, last_ctx, c_memory=c, past=past)
-            x = sched.step(x0_hat[:, 0], x, i, noise[i + 1])
+            x0_hat, _ = adm(c_last, x.unsqueeze(1), t, last_ctx, c_memory=c, past=past)
+            x = step(x0_hat[:, 0], x, i, noise[i + 1])
             if trace is not None:
                 trace.append((x0_hat[:, 0], x))
         return x

@@ -29,8 +29,10 @@ each to its own early stop, through the stage-1 cache as `fit` does (its key ign
 stage-2/3 knobs, so with a cache members of one seed train it once); then stages 2 and 3 as one
 pack of ADRec members, each crossing the warm-up boundary at its own epoch. Grouping by stage
 keeps one network per pack; stage 1 is short against stages 2-3 and cached across trials.
-Validation and test scoring run per member on a solo copy of the member's parameters with its
-own random stream, so they are the solo code path.
+Validation and test scoring stack the members due at one epoch into one network too
+(`evaluate_members`): the same user batches for all, each member's λ, noise schedule, padding
+score and sampling noise (from its own stream on CPU, as its solo run draws it), its own metrics.
+A member evaluated alone takes the solo code path.
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ from torch.optim.adam import adam
 from adrec.batches import Packed
 from adrec.config import TrialConfig
 from adrec.losses import linear_cross_entropy
-from adrec.model import ADRec, Attention, SASRec, keep_scale, segments, sequence_mean, sinusoid
-from adrec.schedule import NoiseSchedule
+from adrec.metrics import RankingMetrics
+from adrec.model import ADRec, Attention, SASRec, keep_scale, padding_scored, segments, sequence_mean, sinusoid
+from adrec.schedule import NoiseSchedule, ScheduleTensors
 from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
                          prepare, project_conflicts, seed_everything, select, stage1_key, train_rows)
 
@@ -362,6 +365,138 @@ class Part:
 OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member index: its finished record})
 
 
+# ---------------------------------------------------------------------------------------------
+# A stacked ADRec's denoiser and sampler, each member with its own λ and noise schedule
+# ---------------------------------------------------------------------------------------------
+class MemberDenoiser:
+    """Denoiser.forward on a stacked model whose rows are `members`' blocks (member-major), with
+    each member's λ and its own rows of the timestep table. Called as Denoiser.forward; the table
+    is computed once per instance (per training step, or per evaluation with fixed parameters)."""
+
+    def __init__(self, model: ADRec, members: Sequence[Member]):
+        adm, k = model.adm, len(members)
+        self.model, self.k, self.steps = model, k, adm.steps
+        grid = torch.arange(adm.steps, device=adm.time_mlp[0].weight.device, dtype=torch.float32)
+        self.table = adm.time_mlp(sinusoid(grid * (1000.0 / adm.steps), model.cfg.hidden_size).repeat(k, 1))  # (K*T, D)
+        self.lams = torch.tensor([m.cfg.lambda_uncertainty for m in members], dtype=torch.float32, device=grid.device)
+
+    def __call__(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx, c_memory: torch.Tensor | None = None,
+                 past: list | None = None, kv_only: bool = False) -> tuple[torch.Tensor, list]:
+        adm, rows_each = self.model.adm, c.shape[0] // self.k
+        offset = (torch.arange(self.k, device=c.device) * self.steps).repeat_interleave(rows_each).unsqueeze(1)
+        t_emb = self.table[t + offset]
+        agg = self.model.cfg.aggregation
+        cond = None
+        if agg == "linear":
+            z = c + self.lams.repeat_interleave(rows_each).view(-1, 1, 1) * (x_t + t_emb)
+        elif agg == "concat":
+            z = adm.concat_proj(torch.cat([c, x_t + t_emb], dim=-1))
+        elif agg == "cross_attention":
+            z = x_t + t_emb
+        else:
+            z, cond = x_t, c + t_emb
+        pe = adm.positions(ctx.pos_q)
+        if pe is not None:
+            z = z + pe
+        if isinstance(adm.net, nn.Sequential):
+            return adm.net(z), []
+        ctx.cond, ctx.memory = cond, c_memory if c_memory is not None else c
+        return adm.net(z, ctx, past, kv_only)
+
+
+class MemberSampler:
+    """ScheduleTensors.step on member-major rows, each block of rows with its member's schedule."""
+
+    def __init__(self, schedules: Sequence[ScheduleTensors]):
+        self.coef_x0, self.coef_xt, self.sigma = (torch.stack([getattr(s, name) for s in schedules], 1)  # (T, K)
+                                                  for name in ("coef_x0", "coef_xt", "sigma"))
+
+    def __call__(self, x0_pred: torch.Tensor, x_t: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        k, d = self.sigma.shape[1], x_t.shape[-1]
+
+        def per_member(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return coef[t].view(k, 1, 1) * x.view(k, -1, d)
+
+        mean = per_member(self.coef_x0, x0_pred) + per_member(self.coef_xt, x_t)
+        if t > 0:
+            mean = mean + per_member(self.sigma, noise)
+        return mean.view(x_t.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of several members at once
+# ---------------------------------------------------------------------------------------------
+EVAL_ROWS = 1 << 15  # rows of one stacked evaluation pass (members x eval batch): bounds its activations
+# (baby, 32 members x 1024 users: ~5 GB of encodings and key/value caches on a GPU)
+
+
+def evaluate_members(members: Sequence[Member], states: Sequence[dict[str, torch.Tensor]], split,
+                     device: torch.device) -> list[dict[str, float]]:
+    """`evaluate` of each member with the parameters `states[i]`, its metrics in order. Members
+    with one evaluation batch size are stacked into one network, up to EVAL_ROWS rows per pass,
+    and scored on the same batches; each draws its sampling noise where its solo run draws it
+    (from its own stream on CPU, from the device's generator on a GPU). A member alone is
+    evaluated by the solo code path."""
+    out: dict[int, dict[str, float]] = {}
+    by_size: dict[int, list[int]] = {}
+    for i, member in enumerate(members):
+        by_size.setdefault(member.cfg.eval_batch_size, []).append(i)
+    for size, chosen in by_size.items():
+        per_pass = max(1, EVAL_ROWS // size)
+        for start in range(0, len(chosen), per_pass):
+            group = chosen[start:start + per_pass]
+            metrics = _evaluate_stacked([members[i] for i in group], [states[i] for i in group], split, device)
+            out.update(zip(group, metrics))
+    return [out[i] for i in range(len(members))]
+
+
+def _evaluate_stacked(members: list[Member], states: list[dict[str, torch.Tensor]], split,
+                      device: torch.device) -> list[dict[str, float]]:
+    cfg = members[0].cfg
+    full_width = cfg.padding_mask == "query"
+    for member, state in zip(members, states):
+        member.solo.load_state_dict(state)
+    if len(members) == 1:
+        with members[0].rng.active():
+            return [evaluate(members[0].solo, split, cfg.eval_batch_size, device, full_width)]
+    k = len(members)
+    model = stack_models([m.solo for m in members], Layout(rngs=[m.rng for m in members])).to(device).eval()
+    adrec = isinstance(model, ADRec)
+    if adrec:
+        denoiser, sampler = MemberDenoiser(model, members), MemberSampler([m.sched for m in members])
+    metrics = [RankingMetrics() for _ in members]
+    with torch.no_grad():
+        for seq, target in split.batches(cfg.eval_batch_size, full_width):
+            seq, target = seq.to(device), target.to(device)
+            rows = seq.repeat(k, 1)
+            if adrec:
+                noise = _eval_noise(members, model, seq.shape[0], device)
+                h = model.sample_next(rows, noise, adm=denoiser, step=sampler)
+            else:
+                h = model.encode(rows)[:, -1]
+            h = h.view(k, seq.shape[0], -1)
+            for m, member in enumerate(members):
+                scores = padding_scored(h[m] @ model.item_emb.weight[m].T, member.cfg.score_padding_item)
+                metrics[m].update(scores, target)
+    return [m.result() for m in metrics]
+
+
+def _eval_noise(members: list[Member], model: ADRec, b: int, device: torch.device) -> torch.Tensor:
+    """(T+1, K*b, D): each member's `score_all` draw for a batch of b users, member-major."""
+    shape = (model.steps + 1, b, model.cfg.hidden_size)
+    if device.type != "cpu":  # the solo run draws on the device, from the device's generator
+        return torch.randn(shape[0], len(members) * b, shape[2], device=device)
+    draws = []
+    for member in members:
+        with member.rng.active():
+            draws.append(torch.randn(shape))
+    return torch.cat(draws, dim=1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The pack
+# ---------------------------------------------------------------------------------------------
 class Pack:
     """The members still training and their stacked model; `train_epoch` trains them one epoch
     (`run_lockstep` trains packs to their ends)."""
@@ -419,36 +554,6 @@ class Pack:
             noise[m, :rows, :width] = noise_m.to(segment.device)
         return t.view_as(segment), noise.view(*segment.shape, d)
 
-    def _row_values(self, values: Sequence[float], rows_each: int) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device).repeat_interleave(rows_each)
-
-    def _denoise(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx) -> torch.Tensor:
-        """Denoiser.forward with each member's λ and its rows of the stacked timestep table."""
-        adm, k = self.model.adm, len(self.members)
-        rows_each, steps, d = c.shape[0] // k, adm.steps, self.model.cfg.hidden_size
-        grid = torch.arange(steps, device=c.device, dtype=torch.float32)
-        table = adm.time_mlp(sinusoid(grid * (1000.0 / steps), d).repeat(k, 1))  # (K * T, D)
-        offset = (torch.arange(k, device=c.device) * steps).repeat_interleave(rows_each).unsqueeze(1)
-        t_emb = table[t + offset]
-        agg = self.model.cfg.aggregation
-        cond = None
-        if agg == "linear":
-            lam = self._row_values([m.cfg.lambda_uncertainty for m in self.members], rows_each)
-            z = c + lam.view(-1, 1, 1) * (x_t + t_emb)
-        elif agg == "concat":
-            z = adm.concat_proj(torch.cat([c, x_t + t_emb], dim=-1))
-        elif agg == "cross_attention":
-            z = x_t + t_emb
-        else:
-            z, cond = x_t, c + t_emb
-        pe = adm.positions(ctx.pos_q)
-        if pe is not None:
-            z = z + pe
-        if isinstance(adm.net, nn.Sequential):
-            return adm.net(z)
-        ctx.cond, ctx.memory = cond, c
-        return adm.net(z, ctx)[0]
-
     def _losses(self, parts: list[Part | None], epoch: int
                 ) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
         """ADRec.forward_train (or SASRec.loss in stage 1) on every member's part at once; (CE, MSE)
@@ -468,7 +573,7 @@ class Pack:
         sqrt_1m = torch.cat([m.sched.sqrt_one_minus_ab for m in self.members])[t + offset]
         x_t = sqrt_ab.unsqueeze(-1) * x0 + sqrt_1m.unsqueeze(-1) * noise
         x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
-        x0_hat = self._denoise(c, x_t, t, ctx)
+        x0_hat, _ = MemberDenoiser(model, self.members)(c, x_t, t, ctx)
         shape = (k, rows_each, seq.shape[1])
         flat_hat, flat_tgt = x0_hat.reshape(-1, x0_hat.shape[-1]), tgt.view(-1)
         x0_hat, x0, segment = x0_hat.view(*shape, -1), x0.view(*shape, -1), segment.view(shape)
@@ -609,22 +714,29 @@ class Pack:
         for member, (total, count) in zip(self.members, totals):
             member.state.last_loss = total / max(count, 1)
 
-    def _evaluate(self, member: Member, m: int, split) -> dict[str, float]:
-        """Member m's metrics from its solo copy, with its own stream (solo `evaluate`)."""
-        member.solo.load_state_dict(member_state(self.model, m))
-        with member.rng.active():
-            return evaluate(member.solo, split, member.cfg.eval_batch_size, self.device,
-                            member.cfg.padding_mask == "query")
+    def _after_epoch(self, epoch: int) -> list[int]:
+        """LR schedules, the evaluations due (all in one stacked pass), selection and reports; the
+        members (by position) that stop."""
+        leaving, due = [], []
+        for m, member in enumerate(self.members):
+            member.state.seconds = time.perf_counter() - self.started
+            if member.diverged:
+                leaving.append(m)
+                continue
+            member.lr = next(member.lrs)
+            member.state.epoch = epoch
+            if epoch % member.cfg.eval_every == 0 or epoch == member.max_epochs:
+                due.append(m)
+        results = evaluate_members([self.members[m] for m in due], [member_state(self.model, m) for m in due],
+                                   self.splits.val, self.device)
+        for m, metrics in zip(due, results):
+            if self._select(self.members[m], m, epoch, metrics):
+                leaving.append(m)
+        return sorted(leaving)
 
-    def _after_epoch(self, member: Member, m: int, epoch: int) -> bool:
-        """LR schedule, evaluation, selection and report of one member; True when it stops."""
+    def _select(self, member: Member, m: int, epoch: int, metrics: dict[str, float]) -> bool:
+        """Model selection and the report of one member's evaluation; True when it stops."""
         state = member.state
-        member.lr = next(member.lrs)
-        state.epoch = epoch
-        state.seconds = time.perf_counter() - self.started
-        if epoch % member.cfg.eval_every and epoch != member.max_epochs:
-            return False
-        metrics = self._evaluate(member, m, self.splits.val)
         if select(member.cfg, state, metrics, epoch, member.best_state_dict is not None):
             member.best_state_dict = {k: v.clone() for k, v in member_state(self.model, m).items()}
         stage = member.stage_of_epoch(epoch)
@@ -636,8 +748,13 @@ class Pack:
         return state.bad_evals >= member.cfg.patience or epoch == member.max_epochs
 
     def _leave(self, leaving: list[int]) -> None:
-        for m in leaving:
-            self._finish(self.members[m], m)
+        members = [self.members[m] for m in leaving]
+        for member in members:
+            self._finish(member)
+        tested = [m for m in members if m.result.get("val") is not None and not self.pretraining]
+        for member, metrics in zip(tested, evaluate_members(tested, [m.best_state_dict for m in tested],
+                                                             self.splits.test, self.device)):
+            member.result["test"] = metrics
         keep = torch.tensor([m for m in range(len(self.members)) if m not in leaving], dtype=torch.long)
         self.members = [self.members[m] for m in keep.tolist()]
         self.layout.rngs = [m.rng for m in self.members]
@@ -645,7 +762,8 @@ class Pack:
             compact(self.model, keep.to(self.device))
             self.optimizer.compact(keep.to(self.device))
 
-    def _finish(self, member: Member, m: int) -> None:
+    def _finish(self, member: Member) -> None:
+        """A leaving member's record, all but its test metrics (`_leave` scores the leavers together)."""
         result, state = member.result, member.state
         if self.pretraining:  # train_stage1's summary; a divergence is fit's "stage 1: ..." error
             member.stage1 = {"epochs": state.epoch, "seconds": state.seconds, "val": state.best_metrics,
@@ -664,23 +782,13 @@ class Pack:
         if member.best_state_dict is None:
             result["val"] = result["test"] = None
             return
-        member.solo.load_state_dict(member.best_state_dict)
         result["val"] = state.best_metrics
-        with member.rng.active():
-            result["test"] = evaluate(member.solo, self.splits.test, member.cfg.eval_batch_size, self.device,
-                                      member.cfg.padding_mask == "query")
 
     def train_epoch(self, epoch: int) -> dict[int, dict[str, Any]]:
         """One epoch of every member still training, its evaluations and departures; returns the
         records of the members that left (by member index)."""
         self._epoch(epoch)
-        leaving = []
-        for m, member in enumerate(self.members):
-            if member.diverged:
-                member.state.seconds = time.perf_counter() - self.started
-                leaving.append(m)
-            elif self._after_epoch(member, m, epoch):
-                leaving.append(m)
+        leaving = self._after_epoch(epoch)
         done = {self.members[m].index: self.members[m].result for m in leaving}
         if leaving:
             self._leave(leaving)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from adrec.config import TrialConfig
-from adrec.pack import MemberAdam, check_packable, cosine_lrs, fit_pack
-from adrec.train import fit
+from adrec.pack import (Layout, MemberAdam, MemberDenoiser, MemberSampler, _start_member, check_packable, cosine_lrs,
+                        evaluate_members, fit_pack, stack_models)
+from adrec.train import Splits, evaluate, fit, prepare
 from test_train import Recorder, tiny, write_markov_file
 
 torch.set_num_threads(1)  # tiny models: extra threads only contend with the other test processes
@@ -181,8 +182,11 @@ def test_pack_bench_times_the_pack_and_the_runs_in_sequence(small_file: Path) ->
     assert figures["pack_size"] == 2 and len(figures["pack_s_per_epoch"]) == len(figures["sequential_s_per_epoch"]) == 2
     assert figures["pack_s_per_member_epoch"] == pytest.approx(sorted(figures["pack_s_per_epoch"])[0] / 2 / 2
                                                                + sorted(figures["pack_s_per_epoch"])[1] / 2 / 2)
-    for key in ("pack_trials_per_hour", "sequential_trials_per_hour", "eval_s_per_pass", "pack_over_sequential"):
+    for key in ("pack_trials_per_hour", "sequential_trials_per_hour", "eval_s_per_pass", "pack_over_sequential",
+                "pack_eval_s_per_member_pass"):
         assert figures[key] > 0
+    assert figures["pack_trials_per_hour"] == pytest.approx(  # its own stacked evaluation, 4 passes a trial
+        3600 / (8 * figures["pack_s_per_member_epoch"] + 4 * figures["pack_eval_s_per_member_pass"]))
     assert _evaluations_per_trial(8, 3) == 4  # after epochs 3, 6 and 8, and the test pass
     assert _evaluations_per_trial(10, 5) == 3
 
@@ -241,3 +245,48 @@ def test_a_pack_of_one_is_fit_to_the_bit(small_file: Path, variant: int, name: s
     assert (packed["val"], packed["test"], packed["epochs"], packed["best_epoch"]) == \
         (solo["val"], solo["test"], solo["epochs"], solo["best_epoch"])
     assert packed["stage1_val"] == solo["stage1_val"]
+
+
+# --- evaluation of several members in one stacked network ----------------------------------------
+EVAL_MEMBERS = [dict(seed=1), dict(seed=2, lambda_uncertainty=0.4, noise_schedule="beta", score_padding_item=False),
+                dict(seed=3, lambda_uncertainty=0.05, noise_schedule="cosine", beta_a=0.5)]
+
+
+def eval_members(small_file: Path, arch: dict, changes: list[dict]) -> tuple[list, Splits]:
+    """Members built as a pack builds them (trained weights differ by seed; the stages do not matter)."""
+    cfgs = [tiny(small_file, stage_plan="no_pretrain", stage1_epochs=0, **arch, **c) for c in changes]
+    device, _, splits = prepare(cfgs[0])
+    members = [_start_member(i, cfg, None, splits, device, {}, None) for i, cfg in enumerate(cfgs)]
+    return members, splits
+
+
+@pytest.mark.parametrize("arch, names", VARIANTS, ids=VARIANT_IDS)
+def test_the_stacked_sampler_gives_each_members_solo_sample(small_file: Path, arch: dict, names: str) -> None:
+    members, splits = eval_members(small_file, arch, EVAL_MEMBERS)
+    k = len(members)
+    model = stack_models([m.solo for m in members], Layout(rngs=[m.rng for m in members])).eval()
+    seq, _ = next(iter(splits.val.batches(32, arch.get("padding_mask") == "query")))
+    noises = [torch.randn(model.steps + 1, seq.shape[0], model.cfg.hidden_size) for _ in members]
+    stacked = model.sample_next(seq.repeat(k, 1), torch.cat(noises, dim=1),
+                                adm=MemberDenoiser(model, members), step=MemberSampler([m.sched for m in members]))
+    solos = [m.solo.eval().sample_next(seq, n) for m, n in zip(members, noises)]
+    assert not torch.allclose(solos[0], solos[1], atol=1e-3)  # the members do differ
+    torch.testing.assert_close(stacked, torch.cat(solos), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_name", ["val", "test"])
+def test_members_evaluated_together_get_their_solo_metrics_and_streams(small_file: Path, split_name: str) -> None:
+    members, splits = eval_members(small_file, {}, EVAL_MEMBERS + [dict(seed=4, eval_batch_size=40)])
+    split = getattr(splits, split_name)
+    states = [{k: v.clone() for k, v in m.solo.state_dict().items()} for m in members]
+    before = [m.rng.state.clone() for m in members]
+    together = evaluate_members(members, states, split, torch.device("cpu"))
+    after = [m.rng.state.clone() for m in members]
+    for member, state, start, end, metrics in zip(members, states, before, after, together):
+        member.solo.load_state_dict(state)
+        member.rng.state = start
+        with member.rng.active():
+            alone = evaluate(member.solo, split, member.cfg.eval_batch_size, torch.device("cpu"))
+        assert metrics == pytest.approx(alone, abs=TOL)
+        assert torch.equal(member.rng.state, end)  # the same draws taken from its stream
+    assert together[0] != together[1]
