@@ -90,11 +90,28 @@ def check_packable(cfgs: Sequence[TrialConfig]) -> None:
 # Per-member random streams
 # ---------------------------------------------------------------------------------------------
 class MemberRNG:
-    """One member's torch CPU generator state. `active()` makes it the global generator for the
-    draws inside, so the model's own sampling code draws exactly what it draws in a solo run."""
+    """One member's random numbers. `state` is its torch CPU stream, continued from where its solo
+    run would be; `active()` makes it the global generator for the draws inside, so the model's own
+    sampling code draws exactly what it draws in a solo run. With `generator` (a torch.Generator on
+    the pack's device: `start(draws_on=device)`) the member's training draws (timesteps, noise,
+    dropout) and sampling noise come from that generator on the device instead, in one kernel each,
+    with no host draw or copy per step; its results then depend on its own seed only, not on its
+    pack-mates, but no longer equal the solo CPU run's bit for bit (a solo GPU run draws from the
+    device's global generator, so it never did on a GPU)."""
 
-    def __init__(self, state: torch.Tensor):
+    def __init__(self, state: torch.Tensor, generator: torch.Generator | None = None):
         self.state = state
+        self.generator = generator
+
+    @classmethod
+    def start(cls, draws_on: torch.device | None = None) -> "MemberRNG":
+        """The member's stream from torch's global CPU generator as it is now; with `draws_on`,
+        plus a generator there seeded from that stream (the global generator does not move)."""
+        state = torch.get_rng_state()
+        if draws_on is None:
+            return cls(state)
+        seed = int(torch.randint(2**62, (1,), generator=torch.Generator().set_state(state)))
+        return cls(state, torch.Generator(device=draws_on).manual_seed(seed))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -105,6 +122,14 @@ class MemberRNG:
         finally:
             self.state = torch.get_rng_state()
             torch.set_rng_state(outer)
+
+
+def draw_device(device: torch.device, device_draws: bool | None = None) -> torch.device | None:
+    """Where the members of a pack on `device` draw their random numbers: on the device from
+    generators of their own (`device_draws`; default: on an accelerator, where host draws and
+    copies would stall every step), or None: from their CPU streams, as their solo CPU runs."""
+    on_device = device.type != "cpu" if device_draws is None else device_draws
+    return device if on_device else None
 
 
 @dataclass
@@ -209,6 +234,16 @@ class PackedDropout(nn.Module):
             else:
                 shape = (rows, x.shape[1], width, width)
                 corner = (m, slice(rows), slice(None), slice(width), slice(width))
+            generator = self.layout.rngs[m].generator
+            if generator is not None:  # on the device; drawn at the member's own shape, contiguous, since
+                # a strided view may draw other numbers (torch's CPU kernels do) and the member's mask
+                # must not depend on its pack-mates' shapes
+                if p > 0:
+                    scales[corner] = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(
+                        1.0 - p, generator=generator).div_(1.0 - p)
+                elif whole:
+                    scales[corner] = 1.0
+                continue
             with self.layout.rngs[m].active():
                 if p > 0 and x.device.type == "cpu" and whole:
                     keep_scale(torch.Size(shape), p, out=scales[m])  # drawn into its slot: no copy of K masks
@@ -456,7 +491,7 @@ def _evaluate_stacked(members: list[Member], states: list[dict[str, torch.Tensor
     full_width = cfg.padding_mask == "query"
     for member, state in zip(members, states):
         member.solo.load_state_dict(state)
-    if len(members) == 1:
+    if len(members) == 1 and members[0].rng.generator is None:
         with members[0].rng.active():
             return [evaluate(members[0].solo, split, cfg.eval_batch_size, device, full_width)]
     k = len(members)
@@ -482,16 +517,20 @@ def _evaluate_stacked(members: list[Member], states: list[dict[str, torch.Tensor
 
 
 def _eval_noise(members: list[Member], model: ADRec, b: int, device: torch.device) -> torch.Tensor:
-    """(T+1, K*b, D): each member's `score_all` draw for a batch of b users, member-major."""
-    shape = (model.steps + 1, b, model.cfg.hidden_size)
-    if device.type != "cpu":  # the solo run draws on the device, from the device's generator
-        return torch.randn(shape[0], len(members) * b, shape[2], device=device)
-    draws = []
-    for member in members:
-        with member.rng.active():
-            draws.append(torch.randn(shape))
-    return torch.cat(draws, dim=1)
-
+    """(T+1, K*b, D): each member's `score_all` draw for a batch of b users, member-major: from its
+    generator on the device, else where its solo run draws (its CPU stream; a device's global generator)."""
+    steps, d = model.steps + 1, model.cfg.hidden_size
+    noise = torch.empty(steps, len(members) * b, d, device=device)
+    for m, member in enumerate(members):
+        if member.rng.generator is not None:
+            draw = torch.randn(steps, b, d, generator=member.rng.generator, device=device)
+        elif device.type == "cpu":
+            with member.rng.active():
+                draw = torch.randn(steps, b, d)
+        else:
+            draw = torch.randn(steps, b, d, device=device)
+        noise[:, m * b:(m + 1) * b] = draw
+    return noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +581,16 @@ class Pack:
         for m, member in enumerate(self.members):
             rows, width = self.layout.rows[m], self.layout.width[m]
             if rows == 0:
+                continue
+            generator = member.rng.generator
+            if generator is not None:  # on the device, from the member's generator there
+                seg_m = seg[m, :rows, :width]
+                size = (rows, width) if member.cfg.noise_level == "token" else (rows, width + 1)
+                t_m = torch.randint(0, steps, size, generator=generator, device=segment.device)
+                if member.cfg.noise_level != "token":
+                    t_m = t_m.gather(1, seg_m)
+                t[m, :rows, :width] = t_m * (seg_m > 0)
+                noise[m, :rows, :width] = torch.randn(rows, width, d, generator=generator, device=segment.device)
                 continue
             seg_m = self.layout.host_segment[m, :rows, :width]
             with member.rng.active():
@@ -827,12 +876,15 @@ def run_lockstep(packs: Sequence[Pack], on_epoch: OnEpoch | None = None) -> None
 # ---------------------------------------------------------------------------------------------
 def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | None = None, *,
              stage1_cache: str | Path | None = None, code_version: str | None = None,
-             on_epoch: OnEpoch | None = None, stack: int | None = None) -> list[dict[str, Any]]:
+             on_epoch: OnEpoch | None = None, stack: int | None = None, device_draws: bool | None = None
+             ) -> list[dict[str, Any]]:
     """Train the configs as one pack (see the module docstring) and return one record per config,
     in order, as `fit` returns it. Checkpoints are not written: each report's path is None.
 
     `stack`: members per stacked network, the networks trained in lock-step epoch by epoch
     (`default_stack` when None: all on a GPU, one on CPU); each member equals its solo run either way.
+    `device_draws`: the members draw on the device from generators of their own (default: on an
+    accelerator; see MemberRNG), not from their CPU streams (which make each equal its solo CPU run).
 
     `on_epoch(epoch, done)` is called after every stage-2/3 epoch of the pack, once the members'
     reports of that epoch are made, with the records of the members that left the pack in it (by
@@ -846,10 +898,11 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
         raise ValueError(f"reports has {len(reports)} entries for {len(cfgs)} configs; give one per config or None")
     device, data, splits = prepare(cfgs[0])  # the members share dataset and device (PACK_FIELDS)
     env = environment(device, code_version)
-    pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None, stack)
+    pretrained = _pretrain(cfgs, data, splits, device, Path(stage1_cache) if stage1_cache else None, stack,
+                           device_draws)
     members, results = [], []
     for i, (cfg, report) in enumerate(zip(cfgs, reports)):
-        member = _start_member(i, cfg, report, splits, device, env, pretrained.get(i))
+        member = _start_member(i, cfg, report, splits, device, env, pretrained.get(i), device_draws)
         results.append(member.result)
         if member.result["status"] == "completed":
             members.append(member)
@@ -865,7 +918,7 @@ Stage1 = tuple[torch.Tensor, dict[str, Any]]  # (item embeddings, summary), as c
 
 
 def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.device, cache: Path | None,
-              stack: int | None = None) -> dict[int, Stage1 | str]:
+              stack: int | None = None, device_draws: bool | None = None) -> dict[int, Stage1 | str]:
     """Stage 1 of every config that has one: read from the cache where it is there, else trained
     in one stage-1 pack (SASRec members; with a cache, one member per stage-1 key, the others read
     its result as a later fit would read the cache) and written to the cache. Config index ->
@@ -889,7 +942,8 @@ def _pretrain(cfgs: list[TrialConfig], data, splits: Splits, device: torch.devic
         cfg = cfgs[i]
         seed_everything(cfg.seed)  # as train_stage1
         model = SASRec(cfg, splits.num_items).to(device)
-        members.append(Member(index=i, cfg=cfg, solo=model, rng=MemberRNG(torch.get_rng_state()), result={},
+        members.append(Member(index=i, cfg=cfg, solo=model, rng=MemberRNG.start(draw_device(device, device_draws)),
+                              result={},
                               stage1={}, report=None, lrs=cosine_lrs(cfg), pretraining=True))
     run_lockstep(make_packs(members, splits, device, stack))
     for member in members:
@@ -929,7 +983,7 @@ def _write_stage1(cache: Path, key: str, member: Member) -> None:
 
 
 def _start_member(index: int, cfg: TrialConfig, report: Reporter | None, splits: Splits, device: torch.device,
-                  env: dict[str, str], stage1: Stage1 | str | None) -> Member:
+                  env: dict[str, str], stage1: Stage1 | str | None, device_draws: bool | None = None) -> Member:
     """What `fit` does before its stage-2/3 loop: init, stage 1's embedding, the seed for stage 2."""
     result: dict[str, Any] = {"config": cfg.to_dict(), "status": "completed", "error": None,
                               "epochs": {"stage1": 0, "stage2": 0, "stage3": 0},
@@ -949,5 +1003,5 @@ def _start_member(index: int, cfg: TrialConfig, report: Reporter | None, splits:
         result["stage1_val"] = summary.get("val", {})
         result["stage1_cached"] = bool(summary.get("cached", False))
     schedule = NoiseSchedule.build(cfg.noise_schedule, cfg.diffusion_steps, cfg.beta_a, cfg.beta_b)
-    return Member(index=index, cfg=cfg, solo=solo, rng=MemberRNG(torch.get_rng_state()), result=result,
+    return Member(index=index, cfg=cfg, solo=solo, rng=MemberRNG.start(draw_device(device, device_draws)), result=result,
                   stage1=summary, report=report, lrs=cosine_lrs(cfg), sched=schedule.tensors(device))

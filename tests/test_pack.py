@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from adrec.config import TrialConfig
-from adrec.pack import (Layout, MemberAdam, MemberDenoiser, MemberSampler, _start_member, check_packable, cosine_lrs,
-                        evaluate_members, fit_pack, stack_models)
+from adrec.pack import (Layout, MemberAdam, MemberDenoiser, MemberRNG, MemberSampler, PackedDropout, _start_member,
+                        check_packable, cosine_lrs, evaluate_members, fit_pack, stack_models)
 from adrec.train import Splits, evaluate, fit, prepare
 from test_train import Recorder, tiny, write_markov_file
 
@@ -290,3 +290,41 @@ def test_members_evaluated_together_get_their_solo_metrics_and_streams(small_fil
         assert metrics == pytest.approx(alone, abs=TOL)
         assert torch.equal(member.rng.state, end)  # the same draws taken from its stream
     assert together[0] != together[1]
+
+
+# --- draws on the device, from each member's own generator (the default on an accelerator) -------
+def drawn_run(small_file: Path, names: str, device_draws: bool) -> tuple[dict, Recorder]:
+    cfgs = [tiny(small_file, **MEMBERS[n]) for n in names]
+    recs = [Recorder() for _ in cfgs]
+    return fit_pack(cfgs, recs, stack=len(cfgs), device_draws=device_draws)[0], recs[0]
+
+
+def test_with_device_draws_a_member_depends_on_its_own_seed_only(small_file: Path) -> None:
+    """A's run packed with B, with C (no stage 1: A's stage-1 pack differs too) and alone: the same
+    within rounding, because every draw of A comes from A's generator."""
+    alone = drawn_run(small_file, "A", True)
+    for mates in ("AB", "AC"):
+        assert_same_run(*alone, *drawn_run(small_file, mates, True))
+
+
+def test_device_draws_are_not_the_cpu_stream(small_file: Path) -> None:
+    drawn, drawn_rec = drawn_run(small_file, "AB", True)
+    streamed, streamed_rec = drawn_run(small_file, "AB", False)
+    assert drawn["status"] == streamed["status"] == "completed"
+    losses = [[p["loss"] for p in rec.payloads] for rec in (drawn_rec, streamed_rec)]
+    assert losses[0] != pytest.approx(losses[1], abs=1e-4)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_device_drawn_dropout_keeps_each_members_corner_at_its_rate(p: float) -> None:
+    rngs = [MemberRNG.start(torch.device("cpu")) for _ in range(3)]
+    layout = Layout(rngs=rngs, rows=[40, 25, 40], width=[30, 30, 12])
+    drop = PackedDropout([torch.nn.Dropout(p), torch.nn.Dropout(0.5), torch.nn.Dropout(p)], layout).train()
+    out = drop(torch.ones(3 * 40, 30, 64)).view(3, 40, 30, 64)
+    for m, keep in ((0, 1 - p), (2, 1 - p), (1, 0.5)):
+        corner = out[m, :layout.rows[m], :layout.width[m]]
+        assert all(v == 0 or v == pytest.approx(1 / keep, rel=1e-6) for v in corner.unique().tolist())
+        assert (corner > 0).float().mean().item() == pytest.approx(keep, abs=0.02)
+    assert torch.equal(out[1, 25:], torch.ones(15, 30, 64)) and torch.equal(out[2, :, 12:], torch.ones(40, 18, 64))
+    again = PackedDropout([torch.nn.Dropout(0.5)] * 3, layout).train()(torch.ones(120, 30, 64)).view(3, 40, 30, 64)
+    assert not torch.equal(again[1, :25], out[1, :25])  # the generator moved on: a fresh mask
