@@ -300,45 +300,116 @@ def compact(stacked: nn.Module, keep: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Per-member Adam over stacked tensors
 # ---------------------------------------------------------------------------------------------
+class _FromGrad:
+    def __repr__(self) -> str:
+        return "FROM_GRAD"
+
+
+FROM_GRAD = _FromGrad()  # a member's gradient that is its slice of the stacked parameter's own .grad
+Grad = torch.Tensor | _FromGrad | None  # one member's gradient of one parameter (None: it has none)
+
+
 class MemberAdam:
-    """torch.optim.Adam for each member over its slices of the stacked parameters: the state
-    (step, exp_avg, exp_avg_sq) is stacked too, and torch's own Adam function updates each
-    member's slices with its lr and weight decay, so a member equals a solo torch.optim.Adam.
-    Members that share lr, weight decay and the parameters with a gradient go through one call
-    (on a GPU one set of foreach kernels for them all; the arithmetic stays per tensor). A
-    (parameter, member) pair without a gradient is skipped, state and step count untouched, as
-    torch.optim.Adam skips a parameter whose .grad is None."""
+    """torch.optim.Adam for each member over its slices of the stacked parameters: its own lr,
+    weight decay, step counts and state (exp_avg, exp_avg_sq, stacked too). A (parameter, member)
+    pair without a gradient is skipped, state and step count untouched, as torch.optim.Adam skips
+    a parameter whose .grad is None.
+
+    Several members update each stacked parameter in one set of tensor ops whatever K, their lr
+    and bias corrections as a (K, 1, ...) column: torch's adam called per member costs host time
+    per (parameter, member) tensor (16 members x 63 tensors: ~40 ms a step, against ~3 ms here;
+    `docs/cluster.md`). The arithmetic is torch's single-tensor Adam's in its order, so a member
+    equals a solo torch.optim.Adam to the bit but for weight decay (g + wd p, which torch may fuse).
+    A network of one member calls torch's own adam function: bitwise, the solo run's step."""
 
     def __init__(self, params: Sequence[nn.Parameter], k: int, foreach: bool | None = None):
         self.params = list(params)
         self.foreach = self.params[0].device.type == "cuda" if foreach is None else foreach
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = [[torch.tensor(0.0) for _ in range(k)] for _ in self.params]
+        self.steps = torch.zeros(len(self.params), k)  # (parameter, member) step counts, float32 as torch's
 
     @torch.no_grad()
-    def step(self, updates: Sequence[tuple[int, Sequence[torch.Tensor | None], float, float]]) -> None:
-        """One step of each member in `updates`: (member, its gradient per parameter or None, lr,
-        weight decay)."""
-        groups: dict[tuple[float, float, tuple[int, ...]], list[tuple[int, Sequence[torch.Tensor | None]]]] = {}
+    def step(self, updates: Sequence[tuple[int, Sequence[Grad], float, float]]) -> None:
+        """One step of each member in `updates`: (member, its gradient per parameter, lr, weight decay)."""
+        if self.steps.shape[1] == 1:
+            self._step_one(updates)
+            return
+        settings = {m: (lr, weight_decay) for m, _, lr, weight_decay in updates}
+        columns: dict[tuple, tuple[torch.Tensor | None, ...]] = {}  # shared by parameters with the same
+        # members, step counts and dimensions (most of them)
+        k = self.steps.shape[1]
+        for i, p in enumerate(self.params):
+            members = [m for m, grads, _, _ in updates if grads[i] is not None]
+            if not members:
+                continue
+            whole = len(members) == k
+            if whole:
+                self.steps[i] += 1
+                counts = tuple(self.steps[i].tolist())
+            else:
+                self.steps[i, members] += 1
+                counts = tuple(self.steps[i, members].tolist())
+            key = (tuple(members), counts, p.dim())
+            if key not in columns:
+                columns[key] = self._columns(members, counts, settings, p)
+            grad = self._stacked_grad(i, members, [grads[i] for _, grads, _, _ in updates if grads[i] is not None])
+            self._update(i, members, grad, *columns[key])
+
+    def _columns(self, members: list[int], counts: tuple[float, ...], settings: dict[int, tuple[float, float]],
+                 p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Weight decay (None: all 0), -step size and sqrt(bias correction 2) per member, as
+        (K', 1, ...) columns broadcasting against p, from Python floats as torch's adam computes them."""
+        b1, b2 = ADAM_BETAS
+        lr = [settings[m][0] for m in members]
+        decay = [settings[m][1] for m in members]
+        values = [decay, [-lr_m / (1 - b1 ** n) for lr_m, n in zip(lr, counts)],
+                  [math.sqrt(1 - b2 ** n) for n in counts]]
+        shape = (3, len(members)) + (1,) * (p.dim() - 1)
+        cols = torch.tensor(values, dtype=p.dtype).view(shape).to(p.device, non_blocking=True)
+        return (cols[0] if any(decay) else None), cols[1], cols[2]
+
+    def _stacked_grad(self, i: int, members: list[int], grads: list[Grad]) -> torch.Tensor:
+        """(K', ...) gradients of `members` for parameter i: the stacked .grad itself where it can be."""
+        stacked = self.params[i].grad
+        if all(g is FROM_GRAD for g in grads):
+            return stacked if len(members) == self.steps.shape[1] else stacked[members]
+        return torch.stack([stacked[m] if g is FROM_GRAD else g for m, g in zip(members, grads)])
+
+    def _update(self, i: int, members: list[int], grad: torch.Tensor, decay: torch.Tensor | None,
+                neg_step_size: torch.Tensor, bias2_sqrt: torch.Tensor) -> None:
+        whole = len(members) == self.steps.shape[1]
+        p, avg, avg_sq = self.params[i].data, self.exp_avg[i], self.exp_avg_sq[i]
+        if not whole:  # update copies of the members' rows, then put them back
+            rows = torch.tensor(members, device=p.device)
+            p, avg, avg_sq = p[rows], avg[rows], avg_sq[rows]
+        if decay is not None:
+            grad = grad + decay * p
+        b1, b2 = ADAM_BETAS
+        avg.lerp_(grad, 1 - b1)
+        avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (avg_sq.sqrt() / bias2_sqrt).add_(ADAM_EPS)
+        p.add_(neg_step_size * avg / denom)  # addcdiv's p + value * avg / denom
+        if not whole:
+            self.params[i].data[rows], self.exp_avg[i][rows], self.exp_avg_sq[i][rows] = p, avg, avg_sq
+
+    def _step_one(self, updates: Sequence[tuple[int, Sequence[Grad], float, float]]) -> None:
         for m, grads, lr, weight_decay in updates:
-            chosen = tuple(i for i, g in enumerate(grads) if g is not None)
-            if chosen:
-                groups.setdefault((lr, weight_decay, chosen), []).append((m, grads))
-        for (lr, weight_decay, chosen), members in groups.items():
-            pairs = [(m, i) for m, _ in members for i in chosen]
-            adam(
-                [self.params[i].data[m] for m, i in pairs], [grads[i] for _, grads in members for i in chosen],
-                [self.exp_avg[i][m] for m, i in pairs], [self.exp_avg_sq[i][m] for m, i in pairs], [],
-                [self.steps[i][m] for m, i in pairs], foreach=self.foreach,
-                amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=weight_decay,
-                eps=ADAM_EPS, maximize=False)
+            chosen = [i for i, g in enumerate(grads) if g is not None]
+            if not chosen:
+                continue
+            adam([self.params[i].data[m] for i in chosen],
+                 [self.params[i].grad[m] if grads[i] is FROM_GRAD else grads[i] for i in chosen],
+                 [self.exp_avg[i][m] for i in chosen], [self.exp_avg_sq[i][m] for i in chosen], [],
+                 [self.steps[i, m] for i in chosen], foreach=self.foreach,
+                 amsgrad=False, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], lr=lr, weight_decay=weight_decay,
+                 eps=ADAM_EPS, maximize=False)
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the members `keep`; call after the parameters were compacted."""
         self.exp_avg = [e[keep] for e in self.exp_avg]
         self.exp_avg_sq = [e[keep] for e in self.exp_avg_sq]
-        self.steps = [[s[i] for i in keep.tolist()] for s in self.steps]
+        self.steps = self.steps[:, keep.cpu()]
 
 
 def cosine_lrs(cfg: TrialConfig) -> Iterator[float]:
@@ -730,18 +801,19 @@ class Pack:
                 total = project_conflicts(grads, member.cfg.loss_combination == "mean")
             self.projected[m] = dict(zip(used, total.split([self.params[i].data[m].numel() for i in used])))
 
-    def _grads(self, m: int, member: Member, epoch: int) -> list[torch.Tensor | None]:
-        """Member m's gradient of each parameter, None where its solo run has none (the frozen
-        table in the warm-up); with warmup_embedding='decayed' those get a zero one, as
-        train.optimizer_step does, so Adam's weight decay still moves them."""
+    def _grads(self, m: int, member: Member, epoch: int) -> list[Grad]:
+        """Member m's gradient of each parameter (FROM_GRAD: its slice of the stacked .grad), None
+        where its solo run has none (the frozen table in the warm-up); with
+        warmup_embedding='decayed' those get a zero one, as train.optimizer_step does, so Adam's
+        weight decay still moves them."""
         if member.cfg.pcgrad and not self.pretraining:  # stage 1 has one loss: nothing to project
             projected = self.projected.pop(m)
             return [projected[i].view_as(p.data[m]) if i in projected
                     else (torch.zeros_like(p.data[m]) if member.cfg.warmup_embedding == "decayed" else None)
                     for i, p in enumerate(self.params)]
-        grads: list[torch.Tensor | None] = []
+        grads: list[Grad] = []
         for i, p in enumerate(self.params):
-            g = None if p.grad is None or (i == self.emb_index and member.warm_up(epoch)) else p.grad[m]
+            g = None if p.grad is None or (i == self.emb_index and member.warm_up(epoch)) else FROM_GRAD
             if g is None and member.cfg.warmup_embedding == "decayed":
                 g = torch.zeros_like(p.data[m])
             grads.append(g)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adrec.config import TrialConfig
-from adrec.pack import (Layout, MemberAdam, MemberDenoiser, MemberRNG, MemberSampler, PackedDropout, _start_member,
+from adrec.pack import (FROM_GRAD, Layout, MemberAdam, MemberDenoiser, MemberRNG, MemberSampler, PackedDropout, _start_member,
                         check_packable, cosine_lrs, evaluate_members, fit_pack, stack_models)
 from adrec.train import Splits, evaluate, fit, prepare
 from test_train import Recorder, tiny, write_markov_file
@@ -127,9 +127,10 @@ def test_baselines_are_refused() -> None:
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single-tensor", "foreach"])
 def test_member_adam_is_torch_adam_per_member(foreach: bool) -> None:
-    """Stacked members, two sharing lr and weight decay (one Adam call), one with its own; a member
-    skipping a parameter for two steps (as the frozen warm-up table) is its own call until it
-    rejoins: step for step bitwise equal to torch.optim.Adam. The foreach variant is the GPU's."""
+    """Stacked members with their own lr and weight decay, two taking their slices of the stacked
+    .grad (FROM_GRAD), one its own tensor and skipping a parameter for two steps (as the frozen
+    warm-up table; its rows are updated apart until it rejoins): step for step bitwise equal to
+    torch.optim.Adam, in its single-tensor and its foreach (the GPU's) variant."""
     torch.manual_seed(0)
     lrs, decays = [1e-3, 3e-2, 1e-3], [1e-5, 1e-2, 1e-5]
     shapes = [(5, 4), (4,)]
@@ -140,11 +141,13 @@ def test_member_adam_is_torch_adam_per_member(foreach: bool) -> None:
               for ps, lr, wd in zip(solos, lrs, decays)]
     for step in range(6):
         grads = [torch.randn(3, *s) for s in shapes]
+        for p, g in zip(stacked, grads):
+            p.grad = g
         updates = []
         for m in range(3):
             skip = m == 2 and step < 2
             member_grads = [None if skip and i == 0 else g[m] for i, g in enumerate(grads)]
-            updates.append((m, member_grads, lrs[m], decays[m]))
+            updates.append((m, member_grads if m == 2 else [FROM_GRAD] * len(shapes), lrs[m], decays[m]))
             for p, g in zip(solos[m], member_grads):
                 p.grad = None if g is None else g.clone()
             theirs[m].step()
@@ -161,7 +164,8 @@ def test_member_adam_compacts_to_the_members_left() -> None:
     adam.step([(2, [torch.ones(2)], 0.1, 0.0)])
     stacked[0].data = stacked[0].data[torch.tensor([0, 2])]
     adam.compact(torch.tensor([0, 2]))
-    assert adam.exp_avg[0].shape == (2, 2) and adam.steps[0][1].item() == 1.0 and adam.steps[0][0].item() == 0.0
+    assert adam.exp_avg[0].shape == (2, 2) and adam.steps[0].tolist() == [0.0, 1.0]
+    assert stacked[0].data[0].tolist() == [0.0, 0.0] and stacked[0].data[1].tolist() == pytest.approx([-0.1, -0.1])
 
 
 def test_cosine_lrs_are_the_schedulers_floats() -> None:
