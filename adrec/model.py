@@ -21,6 +21,7 @@ Both verbs every recommender here exposes: `loss(seq, tgt)` and `score_all(seq)`
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -362,12 +363,13 @@ class Denoiser(nn.Module):
                                    cross=cfg.aggregation == "cross_attention",
                                    adaln=cfg.aggregation == "adaln")
 
-    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, L, D)
-        # The authors rescale t to [0, 1000) before the sinusoid (rescale_timesteps=True). t takes
-        # only T values, so the MLP runs on the T rows of a table instead of on every token.
-        steps = torch.arange(self.steps, device=t.device, dtype=torch.float32)
-        table = self.time_mlp(sinusoid(steps * (1000.0 / self.steps), self.cfg.hidden_size))
-        return table[t]
+    def time_table(self) -> torch.Tensor:
+        """(T, D): the embedding of every timestep. The authors rescale t to [0, 1000) before the
+        sinusoid (rescale_timesteps=True). t takes only T values, so the MLP runs on the T rows of
+        a table instead of on every token."""
+        device = self.time_mlp[0].weight.device
+        steps = torch.arange(self.steps, device=device, dtype=torch.float32)
+        return self.time_mlp(sinusoid(steps * (1000.0 / self.steps), self.cfg.hidden_size))
 
     def aggregate(self, c: torch.Tensor, x_t: torch.Tensor, t_emb: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -382,11 +384,12 @@ class Denoiser(nn.Module):
         return x_t, c + t_emb  # adaln
 
     def forward(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx: Context,
-                c_memory: torch.Tensor | None = None, past: list[KV] | None = None, kv_only: bool = False
-                ) -> tuple[torch.Tensor, list[KV]]:
+                c_memory: torch.Tensor | None = None, past: list[KV] | None = None, kv_only: bool = False,
+                table: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Predict x_0 for the query positions. `c`, `x_t`, `t` cover the queries only; with
-        cross-attention `c_memory` is the whole history encoding the queries may attend to."""
-        z, cond = self.aggregate(c, x_t, self.time_embedding(t))
+        cross-attention `c_memory` is the whole history encoding the queries may attend to.
+        `table`: `time_table()` computed once by a caller that runs many steps with fixed weights."""
+        z, cond = self.aggregate(c, x_t, (self.time_table() if table is None else table)[t])
         pe = self.positions(ctx.pos_q)
         if pe is not None:
             z = z + pe
@@ -490,7 +493,8 @@ class ADRec(nn.Module):
             noise = torch.randn(self.steps + 1, b, self.cfg.hidden_size, device=seq.device)
         c, ctx = self.encode(seq)
         denoise = self._denoise_naive if naive else self._denoise_cached
-        return denoise(seq, c, ctx, noise, trace, adm or self.adm, step or self.schedule().step)
+        adm = adm or functools.partial(self.adm, table=self.adm.time_table())  # weights fixed: one table
+        return denoise(seq, c, ctx, noise, trace, adm, step or self.schedule().step)
 
     def _prefix_targets(self, seq: torch.Tensor) -> torch.Tensor:
         """Clean targets of the history positions: the next item of each, i.e. seq shifted left."""
