@@ -6,9 +6,11 @@
 #   OUT=/path bash scripts/gpu_check.sh            # at most 510 s: one device call (600 s)
 #
 # 1. the pack-size probe on baby (what `--pack-size auto` would choose on this GPU);
-# 2. stage-3 seconds per member-epoch, a pack of 16 against the same 16 trials in sequence;
-# 3. trials per hour of 8-epoch baby trials: packs of 1, 4, 16, 64 against 1, 4, 16 processes;
-# 4. the default baby run to early stopping, timed (the issue's "< 60 s").
+# 2. stage-3 seconds per member-epoch, a pack of 16 against the same 16 trials in sequence (and
+#    one validation pass of the 16 stacked against a solo pass);
+# 3. host time of one pack optimiser step (MemberAdam) against torch's adam per member;
+# 4. trials per hour of 8-epoch baby trials: packs of 1, 4, 16, 64 against 1, 4, 16 processes;
+# 5. the default baby run to early stopping, timed (the issue's "< 60 s").
 set -u
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -37,7 +39,8 @@ print(found['pack_size'], found['why'])
 for p in found['probes']:
     print(p)"
 step pack16 90 python -m adrec bench --dataset baby --device cuda --pack 16 --epochs 2 --out "$OUT/pack16_baby.json"
-step packs_vs_processes 200 python scripts/bench_packs.py --dataset baby --device cuda --sizes 1,4,16 \
+step member_adam 20 python scripts/bench_member_adam.py --device cuda --members 1,16,64
+step packs_vs_processes 180 python scripts/bench_packs.py --dataset baby --device cuda --sizes 1,4,16 \
   --epochs 8 --out "$OUT/packs_vs_processes_baby.json"
 step pack64 60 python scripts/bench_packs.py --dataset baby --device cuda --sizes 64 --modes pack \
   --epochs 8 --out "$OUT/pack64_baby.json"
