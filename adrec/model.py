@@ -363,20 +363,22 @@ class Denoiser(nn.Module):
                                    cross=cfg.aggregation == "cross_attention",
                                    adaln=cfg.aggregation == "adaln")
 
-    def time_table(self) -> torch.Tensor:
-        """(T, D): the embedding of every timestep. The authors rescale t to [0, 1000) before the
-        sinusoid (rescale_timesteps=True). t takes only T values, so the MLP runs on the T rows of
-        a table instead of on every token."""
+    def time_table(self, copies: int = 1) -> torch.Tensor:
+        """(copies * T, D): the embedding of every timestep (`copies` times: one per member of a
+        stacked model). The authors rescale t to [0, 1000) before the sinusoid
+        (rescale_timesteps=True). t takes only T values, so the MLP runs on the T rows of a table
+        instead of on every token."""
         device = self.time_mlp[0].weight.device
         steps = torch.arange(self.steps, device=device, dtype=torch.float32)
-        return self.time_mlp(sinusoid(steps * (1000.0 / self.steps), self.cfg.hidden_size))
+        return self.time_mlp(sinusoid(steps * (1000.0 / self.steps), self.cfg.hidden_size).repeat(copies, 1))
 
-    def aggregate(self, c: torch.Tensor, x_t: torch.Tensor, t_emb: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Denoiser input (B, L, D) and the adaLN condition (or None)."""
+    def aggregate(self, c: torch.Tensor, x_t: torch.Tensor, t_emb: torch.Tensor,
+                  lam: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Denoiser input (B, L, D) and the adaLN condition (or None); `lam` (B, 1, 1) replaces
+        the config's λ row by row (a pack's members)."""
         agg = self.cfg.aggregation
         if agg == "linear":
-            return c + self.cfg.lambda_uncertainty * (x_t + t_emb), None
+            return c + (self.cfg.lambda_uncertainty if lam is None else lam) * (x_t + t_emb), None
         if agg == "concat":
             return self.concat_proj(torch.cat([c, x_t + t_emb], dim=-1)), None
         if agg == "cross_attention":
@@ -385,11 +387,12 @@ class Denoiser(nn.Module):
 
     def forward(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx: Context,
                 c_memory: torch.Tensor | None = None, past: list[KV] | None = None, kv_only: bool = False,
-                table: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
+                table: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, list[KV]]:
         """Predict x_0 for the query positions. `c`, `x_t`, `t` cover the queries only; with
         cross-attention `c_memory` is the whole history encoding the queries may attend to.
-        `table`: `time_table()` computed once by a caller that runs many steps with fixed weights."""
-        z, cond = self.aggregate(c, x_t, (self.time_table() if table is None else table)[t])
+        `table` is what `t` indexes (default `time_table()`; a caller that runs many steps with
+        fixed weights computes it once); `lam` as in `aggregate`."""
+        z, cond = self.aggregate(c, x_t, (self.time_table() if table is None else table)[t], lam)
         pe = self.positions(ctx.pos_q)
         if pe is not None:
             z = z + pe

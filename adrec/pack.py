@@ -57,7 +57,7 @@ from adrec.batches import Packed
 from adrec.config import TrialConfig
 from adrec.losses import linear_cross_entropy
 from adrec.metrics import RankingMetrics
-from adrec.model import ADRec, Attention, SASRec, keep_scale, padding_scored, segments, sequence_mean, sinusoid
+from adrec.model import ADRec, Attention, SASRec, keep_scale, padding_scored, segments, sequence_mean
 from adrec.schedule import NoiseSchedule, ScheduleTensors
 from adrec.train import (DIVERGED_LOSS, LoopState, Reporter, Splits, _fmt, _report_metrics, environment, evaluate,
                          prepare, project_conflicts, seed_everything, select, stage1_key, train_rows)
@@ -476,38 +476,22 @@ OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member in
 # ---------------------------------------------------------------------------------------------
 class MemberDenoiser:
     """Denoiser.forward on a stacked model whose rows are `members`' blocks (member-major), with
-    each member's λ and its own rows of the timestep table. Called as Denoiser.forward; the table
-    is computed once per instance (per training step, or per evaluation with fixed parameters)."""
+    each member's λ and its own rows of a stacked timestep table (computed once per instance: per
+    training step, or per evaluation with fixed parameters). Called as Denoiser.forward."""
 
     def __init__(self, model: ADRec, members: Sequence[Member]):
         adm, k = model.adm, len(members)
-        self.model, self.k, self.steps = model, k, adm.steps
-        grid = torch.arange(adm.steps, device=adm.time_mlp[0].weight.device, dtype=torch.float32)
-        self.table = adm.time_mlp(sinusoid(grid * (1000.0 / adm.steps), model.cfg.hidden_size).repeat(k, 1))  # (K*T, D)
-        self.lams = torch.tensor([m.cfg.lambda_uncertainty for m in members], dtype=torch.float32, device=grid.device)
+        self.adm, self.k, self.steps = adm, k, adm.steps
+        self.table = adm.time_table(copies=k)  # (K*T, D)
+        self.lams = torch.tensor([m.cfg.lambda_uncertainty for m in members], dtype=torch.float32,
+                                 device=self.table.device)
 
     def __call__(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx, c_memory: torch.Tensor | None = None,
                  past: list | None = None, kv_only: bool = False) -> tuple[torch.Tensor, list]:
-        adm, rows_each = self.model.adm, c.shape[0] // self.k
+        rows_each = c.shape[0] // self.k
         offset = (torch.arange(self.k, device=c.device) * self.steps).repeat_interleave(rows_each).unsqueeze(1)
-        t_emb = self.table[t + offset]
-        agg = self.model.cfg.aggregation
-        cond = None
-        if agg == "linear":
-            z = c + self.lams.repeat_interleave(rows_each).view(-1, 1, 1) * (x_t + t_emb)
-        elif agg == "concat":
-            z = adm.concat_proj(torch.cat([c, x_t + t_emb], dim=-1))
-        elif agg == "cross_attention":
-            z = x_t + t_emb
-        else:
-            z, cond = x_t, c + t_emb
-        pe = adm.positions(ctx.pos_q)
-        if pe is not None:
-            z = z + pe
-        if isinstance(adm.net, nn.Sequential):
-            return adm.net(z), []
-        ctx.cond, ctx.memory = cond, c_memory if c_memory is not None else c
-        return adm.net(z, ctx, past, kv_only)
+        lam = self.lams.repeat_interleave(rows_each).view(-1, 1, 1)
+        return self.adm(c, x_t, t + offset, ctx, c_memory, past, kv_only, table=self.table, lam=lam)
 
 
 class MemberSampler:
