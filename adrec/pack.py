@@ -613,7 +613,8 @@ class Pack:
         rows = [p.rows.seq.shape[0] if p else 0 for p in parts]
         width = [p.rows.seq.shape[1] if p else 0 for p in parts]
         r, w = max(rows), max(width)
-        out = torch.zeros(3, k, r, w, dtype=torch.long)
+        pinned = self.device.type == "cuda"  # page-locked: the copies below do not block the host
+        out = torch.zeros(3, k, r, w, dtype=torch.long, pin_memory=pinned)
         for m, p in enumerate(parts):
             if p:
                 out[0, m, :rows[m], :width[m]] = p.rows.seq
@@ -621,9 +622,10 @@ class Pack:
                 out[2, m, :rows[m], :width[m]] = p.rows.segment
         valid = out[1] > 0
         self.layout.rows, self.layout.width, self.layout.host_segment = rows, width, out[2]
-        self.layout.target_index = list(valid.view(-1).nonzero().squeeze(1).to(self.device)
-                                        .split(valid.view(k, -1).sum(1).tolist()))
-        seq, tgt, seg = (t.reshape(k * r, w).to(self.device) for t in out)
+        index = valid.view(-1).nonzero().squeeze(1)
+        index = (index.pin_memory() if pinned else index).to(self.device, non_blocking=True)
+        self.layout.target_index = list(index.split(valid.view(k, -1).sum(1).tolist()))
+        seq, tgt, seg = out.to(self.device, non_blocking=True).view(3, k * r, w)  # one copy for the three
         return seq, tgt, seg
 
     def _draws(self, segment: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
