@@ -5,6 +5,10 @@
 #
 #   OUT=/path bash scripts/gpu_check.sh            # at most 510 s: one device call (600 s)
 #
+# DEVICE, DATASET and SETS (space-separated FIELD=VALUE overrides for every run) change what it
+# runs; a check of the script itself before a GPU session spends its minutes on it, on CPU:
+#   DEVICE=cpu DATASET=ml-100k SETS="max_users=60" OUT=/tmp/gc bash scripts/gpu_check.sh
+#
 # 1. the pack-size probe on baby (what `--pack-size auto` would choose on this GPU);
 # 2. stage-3 seconds per member-epoch, a pack of 16 against the same 16 trials in sequence (and
 #    one validation pass of the 16 stacked against a solo pass);
@@ -13,11 +17,15 @@
 # 5. the default baby run to early stopping, timed (the issue's "< 60 s").
 set -u
 OUT=${OUT:-runs/gpu_check}
+DEVICE=${DEVICE:-cuda}
+DATASET=${DATASET:-baby}
+SET_ARGS=()
+for item in ${SETS:-}; do SET_ARGS+=(--set "$item"); done
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
-python -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" \
-  | tee "$OUT/versions.txt"
+python -c "import torch, sys; print(sys.version.split()[0], torch.__version__,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/versions.txt"
 
 step() {  # name, seconds, command...
   local name=$1 limit=$2
@@ -30,19 +38,24 @@ step() {  # name, seconds, command...
 }
 
 step probe 60 python -c "
-import json
+import json, sys
 from adrec.config import TrialConfig
+from adrec.cli import parse_assignment
 from adrec.pack_size import choose_pack_size
-found = choose_pack_size(TrialConfig(dataset='baby', device='cuda'))
-json.dump(found, open('$OUT/probe_baby.json', 'w'), indent=1)
+sets = dict(parse_assignment(item) for item in sys.argv[1:])
+cfg = TrialConfig.from_dict({'dataset': '$DATASET', 'device': '$DEVICE', **sets})
+found = choose_pack_size(cfg)
+json.dump(found, open('$OUT/probe_$DATASET.json', 'w'), indent=1)
 print(found['pack_size'], found['why'])
 for p in found['probes']:
-    print(p)"
-step pack16 90 python -m adrec bench --dataset baby --device cuda --pack 16 --epochs 2 --out "$OUT/pack16_baby.json"
-step member_adam 20 python scripts/bench_member_adam.py --device cuda --members 1,16,64
-step packs_vs_processes 180 python scripts/bench_packs.py --dataset baby --device cuda --sizes 1,4,16 \
-  --epochs 8 --out "$OUT/packs_vs_processes_baby.json"
-step pack64 60 python scripts/bench_packs.py --dataset baby --device cuda --sizes 64 --modes pack \
-  --epochs 8 --out "$OUT/pack64_baby.json"
-step default_baby 100 python -m adrec train --dataset baby --set device=cuda --quiet --out "$OUT/default_baby.json"
+    print(p)" ${SETS:-}
+step pack16 90 python -m adrec bench --dataset "$DATASET" --device "$DEVICE" --pack 16 --epochs 2 "${SET_ARGS[@]}" \
+  --out "$OUT/pack16_$DATASET.json"
+step member_adam 20 python scripts/bench_member_adam.py --device "$DEVICE" --members 1,16,64
+step packs_vs_processes 180 python scripts/bench_packs.py --dataset "$DATASET" --device "$DEVICE" --sizes 1,4,16 \
+  --epochs 8 "${SET_ARGS[@]}" --out "$OUT/packs_vs_processes_$DATASET.json"
+step pack64 60 python scripts/bench_packs.py --dataset "$DATASET" --device "$DEVICE" --sizes 64 --modes pack \
+  --epochs 8 "${SET_ARGS[@]}" --out "$OUT/pack64_$DATASET.json"
+step default_run 100 python -m adrec train --dataset "$DATASET" --set device="$DEVICE" "${SET_ARGS[@]}" --quiet \
+  --out "$OUT/default_$DATASET.json"
 cat "$OUT/steps.txt"
