@@ -524,9 +524,9 @@ def evaluate_members(members: Sequence[Member], states: Sequence[dict[str, torch
                      device: torch.device) -> list[dict[str, float]]:
     """`evaluate` of each member with the parameters `states[i]`, its metrics in order. Members
     with one evaluation batch size are stacked into one network, up to EVAL_ROWS rows per pass,
-    and scored on the same batches; each draws its sampling noise where its solo run draws it
-    (from its own stream on CPU, from the device's generator on a GPU). A member alone is
-    evaluated by the solo code path."""
+    and scored on the same batches; each draws its sampling noise from its generator on the device
+    (MemberRNG) or else where its solo run draws it (its CPU stream). A member alone with no device
+    generator is evaluated by the solo code path."""
     out: dict[int, dict[str, float]] = {}
     by_size: dict[int, list[int]] = {}
     for i, member in enumerate(members):
