@@ -11,7 +11,9 @@ shapes of its solo run), its noise schedule, λ, MSE weight, loss combination an
 gradients projected in its own randperm order), its Adam state, learning rate, cosine schedule and
 weight decay, its warm-up length, evaluation interval, patience and model selection. That is what
 makes a member equal its solo run (`adrec.train.fit`, same seed): the same draws meet the same
-numbers, up to float rounding of batched vs single matmuls.
+numbers, up to float rounding of batched vs single matmuls. On an accelerator the members draw
+from generators of their own on the device instead (`MemberRNG`): each member's run then depends
+on its seed alone, not on its pack-mates, but is not its solo run's bit for bit.
 
 A member that stops (patience, epoch budget, divergence) leaves the pack: every stacked tensor
 is compacted to the members still training, and the pack ends when all have left.
@@ -940,7 +942,7 @@ def fit_pack(cfgs: Sequence[TrialConfig], reports: Sequence[Reporter | None] | N
     in order, as `fit` returns it. Checkpoints are not written: each report's path is None.
 
     `stack`: members per stacked network, the networks trained in lock-step epoch by epoch
-    (`default_stack` when None: all on a GPU, one on CPU); each member equals its solo run either way.
+    (`default_stack` when None: all on a GPU, one on CPU); on CPU each member equals its solo run either way.
     `device_draws`: the members draw on the device from generators of their own (default: on an
     accelerator; see MemberRNG), not from their CPU streams (which make each equal its solo CPU run).
 

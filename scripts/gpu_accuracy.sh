@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue #12's GPU table in one device run: the default config on the six datasets, seeds 2025-2027
-# as one pack per dataset (each member equals its solo run), test HR@20 / NDCG@20 with the spread
+# as one pack per dataset (each member draws from its own generator on the GPU, so it depends on
+# its seed alone), test HR@20 / NDCG@20 with the spread
 # printed by `train --seeds`. Each dataset has its own time limit and writes $OUT/<dataset>.json as
 # it ends; the smaller sets go first.
 #
