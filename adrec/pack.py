@@ -476,6 +476,13 @@ OnEpoch = Callable[[int, dict[int, dict[str, Any]]], None]  # (epoch, {member in
 # ---------------------------------------------------------------------------------------------
 # A stacked ADRec's denoiser and sampler, each member with its own λ and noise schedule
 # ---------------------------------------------------------------------------------------------
+def stacked_timesteps(t: torch.Tensor, k: int, steps: int) -> torch.Tensor:
+    """Timesteps (K * rows, ...) of member-major rows as indices into a table of K stacked blocks
+    of `steps` rows (member m's t indexes block m)."""
+    offset = torch.arange(k, device=t.device) * steps
+    return t + offset.repeat_interleave(t.shape[0] // k).view(-1, *([1] * (t.dim() - 1)))
+
+
 class MemberDenoiser:
     """Denoiser.forward on a stacked model whose rows are `members`' blocks (member-major), with
     each member's λ and its own rows of a stacked timestep table (computed once per instance: per
@@ -490,10 +497,9 @@ class MemberDenoiser:
 
     def __call__(self, c: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, ctx, c_memory: torch.Tensor | None = None,
                  past: list | None = None, kv_only: bool = False) -> tuple[torch.Tensor, list]:
-        rows_each = c.shape[0] // self.k
-        offset = (torch.arange(self.k, device=c.device) * self.steps).repeat_interleave(rows_each).unsqueeze(1)
-        lam = self.lams.repeat_interleave(rows_each).view(-1, 1, 1)
-        return self.adm(c, x_t, t + offset, ctx, c_memory, past, kv_only, table=self.table, lam=lam)
+        lam = self.lams.repeat_interleave(c.shape[0] // self.k).view(-1, 1, 1)
+        return self.adm(c, x_t, stacked_timesteps(t, self.k, self.steps), ctx, c_memory, past, kv_only,
+                        table=self.table, lam=lam)
 
 
 class MemberSampler:
@@ -675,14 +681,13 @@ class Pack:
         c, ctx = model.encode(seq, segment)
         x0 = model.item_emb(tgt)
         t, noise = self._draws(segment, x0.shape[-1])
-        rows_each, steps = seq.shape[0] // k, model.steps
-        offset = (torch.arange(k, device=seq.device) * steps).repeat_interleave(rows_each).unsqueeze(1)
-        sqrt_ab = torch.cat([m.sched.sqrt_ab for m in self.members])[t + offset]
-        sqrt_1m = torch.cat([m.sched.sqrt_one_minus_ab for m in self.members])[t + offset]
+        at = stacked_timesteps(t, k, model.steps)
+        sqrt_ab = torch.cat([m.sched.sqrt_ab for m in self.members])[at]
+        sqrt_1m = torch.cat([m.sched.sqrt_one_minus_ab for m in self.members])[at]
         x_t = sqrt_ab.unsqueeze(-1) * x0 + sqrt_1m.unsqueeze(-1) * noise
         x_t = torch.where(valid.unsqueeze(-1), x_t, x0)
         x0_hat, _ = MemberDenoiser(model, self.members)(c, x_t, t, ctx)
-        shape = (k, rows_each, seq.shape[1])
+        shape = (k, seq.shape[0] // k, seq.shape[1])
         flat_hat, flat_tgt = x0_hat.reshape(-1, x0_hat.shape[-1]), tgt.view(-1)
         x0_hat, x0, segment = x0_hat.view(*shape, -1), x0.view(*shape, -1), segment.view(shape)
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
