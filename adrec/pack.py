@@ -355,8 +355,9 @@ class MemberAdam:
             key = (tuple(members), counts, p.dim())
             if key not in columns:
                 columns[key] = self._columns(members, counts, settings, p)
-            grad = self._stacked_grad(i, members, [grads[i] for _, grads, _, _ in updates if grads[i] is not None])
-            self._update(i, members, grad, *columns[key])
+            rows = None if whole else members
+            grad = self._stacked_grad(i, rows, [grads[i] for _, grads, _, _ in updates if grads[i] is not None])
+            self._update(i, rows, grad, *columns[key])
 
     def _columns(self, members: list[int], counts: tuple[float, ...], settings: dict[int, tuple[float, float]],
                  p: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -371,20 +372,22 @@ class MemberAdam:
         cols = torch.tensor(values, dtype=p.dtype).view(shape).to(p.device, non_blocking=True)
         return (cols[0] if any(decay) else None), cols[1], cols[2]
 
-    def _stacked_grad(self, i: int, members: list[int], grads: list[Grad]) -> torch.Tensor:
-        """(K', ...) gradients of `members` for parameter i: the stacked .grad itself where it can be."""
+    def _stacked_grad(self, i: int, rows: list[int] | None, grads: list[Grad]) -> torch.Tensor:
+        """(K', ...) gradients of parameter i for the members `rows` (None: all): the stacked .grad
+        itself where it can be."""
         stacked = self.params[i].grad
         if all(g is FROM_GRAD for g in grads):
-            return stacked if len(members) == self.steps.shape[1] else stacked[members]
+            return stacked if rows is None else stacked[rows]
+        members = range(len(grads)) if rows is None else rows
         return torch.stack([stacked[m] if g is FROM_GRAD else g for m, g in zip(members, grads)])
 
-    def _update(self, i: int, members: list[int], grad: torch.Tensor, decay: torch.Tensor | None,
+    def _update(self, i: int, rows: list[int] | None, grad: torch.Tensor, decay: torch.Tensor | None,
                 neg_step_size: torch.Tensor, bias2_sqrt: torch.Tensor) -> None:
-        whole = len(members) == self.steps.shape[1]
+        """Adam on parameter i of the members `rows` (None: all, in place)."""
         p, avg, avg_sq = self.params[i].data, self.exp_avg[i], self.exp_avg_sq[i]
-        if not whole:  # update copies of the members' rows, then put them back
-            rows = torch.tensor(members, device=p.device)
-            p, avg, avg_sq = p[rows], avg[rows], avg_sq[rows]
+        if rows is not None:  # update copies of the members' rows, then put them back
+            index = torch.tensor(rows, device=p.device)
+            p, avg, avg_sq = p[index], avg[index], avg_sq[index]
         if decay is not None:
             grad = grad + decay * p
         b1, b2 = ADAM_BETAS
@@ -392,8 +395,8 @@ class MemberAdam:
         avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (avg_sq.sqrt() / bias2_sqrt).add_(ADAM_EPS)
         p.add_(neg_step_size * avg / denom)  # addcdiv's p + value * avg / denom
-        if not whole:
-            self.params[i].data[rows], self.exp_avg[i][rows], self.exp_avg_sq[i][rows] = p, avg, avg_sq
+        if rows is not None:
+            self.params[i].data[index], self.exp_avg[i][index], self.exp_avg_sq[i][index] = p, avg, avg_sq
 
     def _step_one(self, updates: Sequence[tuple[int, Sequence[Grad], float, float]]) -> None:
         for m, grads, lr, weight_decay in updates:
